@@ -1,0 +1,1 @@
+"""Triton paged-attention kernels (installed as sharedecode.kernels)."""

@@ -1,0 +1,1 @@
+"""sharedecode: beam search, sampling and shared-prompt batches on a paged KV cache."""

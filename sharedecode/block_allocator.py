@@ -1,0 +1,336 @@
+"""Paged KV cache bookkeeping: block ids, ref counts, fork, copy-on-write, prefix sharing.
+
+Pure Python and no torch, so that it can be property-tested in isolation. The allocator hands out
+block ids; the KV pool (kv_pool.py) holds the tensors those ids index.
+
+A sequence's `BlockTable` lists the blocks that hold its tokens' keys and values, in order. Forking a
+table copies that list and adds one reference to each block. Appending into a partial last block that
+another table also holds first copies it (copy-on-write): the allocator records a (src, dst) pair that
+the engine applies in one batched copy before the next forward.
+
+Full blocks are hashed by (previous block's hash, their token ids). A new prompt whose leading full
+blocks match hashed blocks takes them (ref + 1) instead of recomputing them. A hashed block whose ref
+count drops to zero stays "evictable" (least recently used first) until its space is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+
+class KVCacheFull(RuntimeError):
+    """Not enough free KV blocks for the requested operation (nothing was changed)."""
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(eq=False)
+class BlockTable:
+    """One sequence's view of the cache: the tokens it holds and the blocks holding them."""
+
+    block_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in cached blocks when allocated
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """A readable snapshot of the cache. Byte fields are 0 when the allocator has no byte size."""
+
+    num_blocks: int
+    block_size: int
+    blocks_in_use: int
+    shared_blocks: int  # in use by more than one sequence
+    evictable_blocks: int  # unreferenced but still holding a reusable cached prefix
+    free_blocks: int
+    num_sequences: int
+    logical_tokens: int  # what the sequences hold, each counting its own tokens
+    physical_tokens: int  # what the blocks in use hold
+    bytes_per_token: int
+    bytes_used: int  # blocks in use x block bytes
+    contiguous_bytes: int  # each sequence holding all its own tokens, no sharing, no padding
+
+    @property
+    def fragmentation(self) -> float:
+        """Fraction of the slots of in-use blocks that hold no token (the partial last blocks)."""
+        slots = self.blocks_in_use * self.block_size
+        return 0.0 if slots == 0 else 1.0 - self.physical_tokens / slots
+
+    @property
+    def sharing_ratio(self) -> float:
+        """Logical tokens per physical token: how many times sharing multiplies the memory."""
+        return 0.0 if self.physical_tokens == 0 else self.logical_tokens / self.physical_tokens
+
+
+def block_hash(previous: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((previous, token_ids))
+
+
+class BlockAllocator:
+    """Hands out fixed-size KV blocks to block tables; ask-then-act (`can_*` before acting)."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, bytes_per_token: int = 0):
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if not isinstance(block_size, int) or not is_power_of_two(block_size):
+            raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.bytes_per_token = bytes_per_token
+        self.ref_counts = [0] * num_blocks
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.block_tokens: dict[int, tuple[int, ...]] = {}  # hashed block -> its tokens (to verify)
+        self.computed = [False] * num_blocks  # a hashed block's KV has been written
+        self.hash_to_block: dict[int, int] = {}
+        self.tables: dict[int, BlockTable] = {}  # live tables by id()
+        self.pending_copies: list[tuple[int, int]] = []
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks available to new allocations: the free list plus evictable cached blocks."""
+        return len(self.free_block_ids) + len(self.evictable)
+
+    @property
+    def num_blocks_in_use(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Leading full blocks of `token_ids` that are already cached (never the whole prompt:
+        the last token is always recomputed so that its logits exist)."""
+        matched: list[int] = []
+        previous = None
+        bs = self.block_size
+        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
+            chunk = tuple(token_ids[start : start + bs])
+            h = block_hash(previous, chunk)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.block_tokens.get(block_id) != chunk:
+                break
+            matched.append(block_id)
+            previous = h
+        return matched
+
+    def blocks_needed_to_allocate(self, token_ids: list[int]) -> int:
+        matched = self._match_prefix(token_ids)
+        revived = sum(1 for b in matched if self.ref_counts[b] == 0)
+        return self.blocks_for(len(token_ids)) - len(matched) + revived
+
+    def can_allocate(self, token_ids: list[int]) -> bool:
+        return self.blocks_needed_to_allocate(token_ids) <= self.num_free_blocks
+
+    def blocks_needed_to_append(self, table: BlockTable, num_new_tokens: int = 1) -> int:
+        """New blocks an append of `num_new_tokens` takes, copy-on-write included."""
+        offset = table.num_tokens % self.block_size
+        needed = self.blocks_for(table.num_tokens + num_new_tokens) - len(table.block_ids)
+        if offset and num_new_tokens and self.ref_counts[table.block_ids[-1]] > 1:
+            needed += 1  # the shared partial last block is copied first
+        return needed
+
+    def can_append(self, table: BlockTable, num_new_tokens: int = 1) -> bool:
+        return self.blocks_needed_to_append(table, num_new_tokens) <= self.num_free_blocks
+
+    def blocks_needed_for_step(self, tables: list[BlockTable]) -> int:
+        """New blocks that appending one token to each of `tables` takes, all together.
+
+        Tables sharing a partial last block: the copy-on-write happens for all but the last appender
+        when every holder appends (it then owns the block alone), for each appender otherwise.
+        """
+        bs = self.block_size
+        appenders: dict[int, int] = {}
+        needed = 0
+        for table in tables:
+            if table.num_tokens % bs == 0:
+                needed += 1
+            else:
+                last = table.block_ids[-1]
+                appenders[last] = appenders.get(last, 0) + 1
+        for block_id, count in appenders.items():
+            refs = self.ref_counts[block_id]
+            needed += count - 1 if count >= refs else count
+        return needed
+
+    # ---------------------------------------------------------------- actions
+    def _take_block(self) -> int:
+        if self.free_block_ids:
+            block_id = self.free_block_ids.popleft()
+        else:  # evict the least recently used cached block
+            block_id, _ = self.evictable.popitem(last=False)
+            self._forget_hash(block_id)
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def _forget_hash(self, block_id: int) -> None:
+        h = self.block_hashes[block_id]
+        if h is not None:
+            if self.hash_to_block.get(h) == block_id:
+                del self.hash_to_block[h]
+            self.block_hashes[block_id] = None
+            self.block_tokens.pop(block_id, None)
+        self.computed[block_id] = False
+
+    def _register_full_block(self, table: BlockTable, index: int) -> None:
+        """Hash the full block at `index` of `table` so that later prompts can reuse it."""
+        block_id = table.block_ids[index]
+        if self.block_hashes[block_id] is not None:
+            return
+        bs = self.block_size
+        previous = self.block_hashes[table.block_ids[index - 1]] if index else None
+        if index and previous is None:
+            return  # the chain is broken (an earlier block was never hashed)
+        chunk = tuple(table.token_ids[index * bs : (index + 1) * bs])
+        h = block_hash(previous, chunk)
+        if h in self.hash_to_block:
+            return  # the same content is already cached in another block
+        self.hash_to_block[h] = block_id
+        self.block_hashes[block_id] = h
+        self.block_tokens[block_id] = chunk
+
+    def allocate(self, token_ids: list[int]) -> BlockTable:
+        """A new table for a prompt; leading cached full blocks are shared instead of recomputed."""
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+        needed = self.blocks_needed_to_allocate(token_ids)
+        if needed > self.num_free_blocks:
+            raise KVCacheFull(
+                f"a {len(token_ids)}-token sequence needs {needed} free KV blocks, "
+                f"{self.num_free_blocks} of {self.num_blocks} are free"
+            )
+        matched = self._match_prefix(token_ids)
+        for block_id in matched:
+            if self.ref_counts[block_id] == 0:
+                del self.evictable[block_id]
+            self.ref_counts[block_id] += 1
+        table = BlockTable(block_ids=list(matched), token_ids=token_ids,
+                           num_cached_tokens=len(matched) * self.block_size)
+        while len(table.block_ids) < self.blocks_for(len(token_ids)):
+            table.block_ids.append(self._take_block())
+        for index in range(len(matched), len(token_ids) // self.block_size):
+            self._register_full_block(table, index)
+        self.tables[id(table)] = table
+        return table
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A child sharing every block of `table` (ref + 1 each); nothing is copied."""
+        for block_id in table.block_ids:
+            self.ref_counts[block_id] += 1
+        child = BlockTable(block_ids=list(table.block_ids), token_ids=list(table.token_ids),
+                           num_cached_tokens=table.num_cached_tokens)
+        self.tables[id(child)] = child
+        return child
+
+    def append(self, table: BlockTable, token_ids: list[int]) -> None:
+        """Reserve slots for new tokens at the end of `table` (copy-on-write where shared)."""
+        needed = self.blocks_needed_to_append(table, len(token_ids))
+        if needed > self.num_free_blocks:
+            raise KVCacheFull(
+                f"appending {len(token_ids)} token(s) needs {needed} free KV blocks, "
+                f"{self.num_free_blocks} of {self.num_blocks} are free"
+            )
+        bs = self.block_size
+        if table.num_tokens % bs and token_ids:
+            last = table.block_ids[-1]
+            if self.ref_counts[last] > 1:
+                copy = self._take_block()
+                self.pending_copies.append((last, copy))
+                self.ref_counts[last] -= 1
+                table.block_ids[-1] = copy
+        first_new_full = table.num_tokens // bs
+        table.token_ids.extend(token_ids)
+        while len(table.block_ids) < self.blocks_for(table.num_tokens):
+            table.block_ids.append(self._take_block())
+        for index in range(first_new_full, table.num_tokens // bs):
+            self._register_full_block(table, index)
+
+    def mark_computed(self, table: BlockTable) -> None:
+        """Record that the KV of all of `table`'s tokens has been written (after a forward)."""
+        for index in range(table.num_tokens // self.block_size):
+            self.computed[table.block_ids[index]] = True
+
+    def free(self, table: BlockTable) -> None:
+        """Drop `table`'s references; blocks at ref 0 go back (hashed ones become evictable)."""
+        if self.tables.pop(id(table), None) is None:
+            return  # already freed: freeing twice is harmless
+        for block_id in reversed(table.block_ids):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                if self.block_hashes[block_id] is not None and self.computed[block_id]:
+                    self.evictable[block_id] = None
+                else:  # uncomputed content must never be matched by a later prompt
+                    self._forget_hash(block_id)
+                    self.free_block_ids.append(block_id)
+        table.block_ids = []
+        table.token_ids = []
+
+    def free_all(self) -> None:
+        for table in list(self.tables.values()):
+            self.free(table)
+        self.pending_copies.clear()
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write (src, dst) pairs recorded since the last call."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def slot_mapping(self, table: BlockTable, start: int, end: int) -> list[int]:
+        """Flat KV slot indices (block_id * block_size + offset) of tokens start..end-1."""
+        bs = self.block_size
+        return [table.block_ids[i // bs] * bs + i % bs for i in range(start, end)]
+
+    # ---------------------------------------------------------------- stats and checks
+    def stats(self) -> KVCacheStats:
+        bs = self.block_size
+        fill: dict[int, int] = {}
+        logical = 0
+        for table in self.tables.values():
+            logical += table.num_tokens
+            for index, block_id in enumerate(table.block_ids):
+                held = min(bs, table.num_tokens - index * bs)
+                fill[block_id] = max(fill.get(block_id, 0), held)
+        in_use = self.num_blocks_in_use
+        return KVCacheStats(
+            num_blocks=self.num_blocks,
+            block_size=bs,
+            blocks_in_use=in_use,
+            shared_blocks=sum(1 for r in self.ref_counts if r > 1),
+            evictable_blocks=len(self.evictable),
+            free_blocks=len(self.free_block_ids),
+            num_sequences=len(self.tables),
+            logical_tokens=logical,
+            physical_tokens=sum(fill.values()),
+            bytes_per_token=self.bytes_per_token,
+            bytes_used=in_use * bs * self.bytes_per_token,
+            contiguous_bytes=logical * self.bytes_per_token,
+        )
+
+    def check(self) -> None:
+        """Raise AssertionError if an internal invariant is broken (for tests and debugging)."""
+        holders = [0] * self.num_blocks
+        for table in self.tables.values():
+            assert len(table.block_ids) == self.blocks_for(table.num_tokens), "table size"
+            for block_id in table.block_ids:
+                holders[block_id] += 1
+        assert holders == self.ref_counts, "ref counts differ from the tables holding each block"
+        free = set(self.free_block_ids)
+        evictable = set(self.evictable)
+        in_use = {b for b, r in enumerate(self.ref_counts) if r > 0}
+        assert len(free) == len(self.free_block_ids), "a block is twice on the free list"
+        assert not (free & evictable or free & in_use or evictable & in_use), "block in two places"
+        assert len(free) + len(evictable) + len(in_use) == self.num_blocks, "a block is lost"
+        for block_id in evictable:
+            assert self.block_hashes[block_id] is not None, "an evictable block has no hash"
+        for h, block_id in self.hash_to_block.items():
+            assert self.block_hashes[block_id] == h, "hash map out of sync"

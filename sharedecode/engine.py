@@ -1,0 +1,284 @@
+"""The engine: runs a Hugging Face causal LM with its attention on the paged KV cache.
+
+Strategies drive it through a handful of calls on block tables (one per live sequence):
+`add` a prompt, `prefill` the new prompts, `fork` a sequence, `decode` one token for many sequences,
+`free` a sequence. The engine owns the allocator (block ids) and the KV pool (tensors).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from sharedecode.attention import BACKENDS, PagedBatch, check_supported, paged_attention_enabled
+from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, KVCacheStats, is_power_of_two
+from sharedecode.kv_pool import KVLayout, KVPool, free_device_bytes
+
+CPU_KV_CACHE_BYTES = 256 * 2**20  # a modest fixed pool for CPU runs
+DEFAULT_GPU_FRACTION = 0.8  # of the memory left free after the model and a warm-up forward
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cache must know of a model, read off its (text) config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int | None
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        max_context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        return cls(text.num_hidden_layers, kv_heads, head_dim, text.vocab_size, max_context)
+
+
+def load_model(name: str | os.PathLike, dtype: torch.dtype | None, device: torch.device):
+    """A model id or local path -> (model, tokenizer), honouring HF_HUB_OFFLINE."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    local = Path(name).is_dir()
+    kwargs = {"local_files_only": offline or local}
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
+    return names[dtype]
+
+
+class Engine:
+    """Runs `model` on a paged, copy-on-write KV cache.
+
+    Args:
+        model: a transformers `PreTrainedModel` (causal LM), or a model id / local path.
+        tokenizer: optional; loaded with the model when `model` is a name.
+        kv_cache_bytes: the KV pool's size; default: a fraction of free GPU memory on CUDA
+            (`kv_cache_fraction`, measured after a warm-up forward), 256 MiB on CPU.
+        block_size: tokens per KV block, a power of two.
+        backend: "triton" (the kernels), "torch" (the reference path), or "auto" (triton on CUDA).
+        dtype: cast the model (and the cache) to this dtype; default: the model's own.
+        device: where to run; default: the model's device (a name loads on CUDA when available).
+        max_prefill_tokens: the most prompt tokens computed by one forward (chunked prefill).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str | os.PathLike,
+        tokenizer=None,
+        *,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        backend: str = "auto",
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        max_prefill_tokens: int = 4096,
+        kv_cache_fraction: float = DEFAULT_GPU_FRACTION,
+    ):
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
+            raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be an int >= 1, got {max_prefill_tokens!r}")
+        if not 0.0 < kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction!r}")
+        if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
+            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
+        dtype = resolve_dtype(dtype)
+        if isinstance(model, (str, os.PathLike)):
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            model, loaded_tokenizer = load_model(model, dtype, device)
+            tokenizer = tokenizer or loaded_tokenizer
+        check_supported(model)
+        if device is not None:
+            model = model.to(device)
+        if dtype is not None:
+            model = model.to(dtype)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.backend = backend
+        self.shape = ModelShape.from_config(model.config)
+        self.layout = KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
+                               block_size, self.dtype)
+        self.block_size = block_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if kv_cache_bytes is None:
+            kv_cache_bytes = self._default_kv_bytes(kv_cache_fraction)
+        num_blocks = KVPool.blocks_for_budget(self.layout, kv_cache_bytes)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={kv_cache_bytes} is smaller than one KV block "
+                f"({self.layout.bytes_per_block} bytes at block_size={block_size})"
+            )
+        self.pool = KVPool(self.layout, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks, block_size, self.layout.bytes_per_token)
+
+    # ---------------------------------------------------------------- setup
+    def _default_kv_bytes(self, fraction: float) -> int:
+        if self.device.type != "cuda":
+            return CPU_KV_CACHE_BYTES
+        # A warm-up forward of a full prefill chunk, so that its activations are counted as used.
+        tokens = min(self.max_prefill_tokens, self.shape.max_context or self.max_prefill_tokens)
+        probe_layout = KVLayout(self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim,
+                                self.block_size, self.dtype)
+        probe_blocks = -(-tokens // self.block_size)
+        self.pool = KVPool(probe_layout, probe_blocks, self.device)
+        self.allocator = BlockAllocator(probe_blocks, self.block_size)
+        table = self.allocator.allocate([0] * tokens)
+        try:
+            self.prefill([table])
+        finally:
+            self.allocator.free_all()
+        del self.pool
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return int(free_device_bytes(self.device) * fraction)
+
+    # ---------------------------------------------------------------- sequences
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free_blocks
+
+    def kv_stats(self) -> KVCacheStats:
+        return self.allocator.stats()
+
+    def add(self, token_ids: list[int]) -> BlockTable:
+        """Allocate blocks for a prompt (cached leading blocks are reused); prefill it next."""
+        return self.allocator.allocate(token_ids)
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        return self.allocator.fork(table)
+
+    def free(self, table: BlockTable) -> None:
+        self.allocator.free(table)
+
+    def free_all(self) -> None:
+        self.allocator.free_all()
+
+    def blocks_needed_for_decode(self, tables: list[BlockTable]) -> int:
+        return self.allocator.blocks_needed_for_step(tables)
+
+    # ---------------------------------------------------------------- forwards
+    def prefill(self, tables: list[BlockTable]) -> torch.Tensor:
+        """Compute the uncached prompt tokens of `tables`; returns each one's last-token logits [S, V].
+
+        Chunked: at most `max_prefill_tokens` tokens per forward. Tables are computed in order, so a
+        table that reuses blocks another table of the same call is computing finds them written.
+        """
+        work = [(table, table.num_cached_tokens, table.num_tokens) for table in tables]
+        logits = [None] * len(tables)
+        chunk: list[tuple[int, int, int]] = []  # (table index, start, end)
+        budget = self.max_prefill_tokens
+        for index, (table, start, end) in enumerate(work):
+            while start < end:
+                take = min(end - start, budget)
+                chunk.append((index, start, start + take))
+                start += take
+                budget -= take
+                if budget == 0:
+                    self._prefill_chunk(tables, chunk, logits)
+                    chunk, budget = [], self.max_prefill_tokens
+        if chunk:
+            self._prefill_chunk(tables, chunk, logits)
+        for table in tables:
+            self.allocator.mark_computed(table)
+        return torch.stack(logits)
+
+    def _prefill_chunk(self, tables, chunk, logits) -> None:
+        ids, positions, slots, keep = [], [], [], []
+        for index, start, end in chunk:
+            table = tables[index]
+            ids.extend(table.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self.allocator.slot_mapping(table, start, end))
+            if end == table.num_tokens:
+                keep.append(len(ids) - 1)
+        chunk_tables = [tables[index] for index, _, _ in chunk]
+        context_lens = [end for _, _, end in chunk]
+        query_lens = [end - start for _, start, end in chunk]
+        out = self._forward(ids, positions, slots, chunk_tables, context_lens, query_lens, keep,
+                            is_decode=False)
+        finished = [index for index, _, end in chunk if end == tables[index].num_tokens]
+        for row, index in enumerate(finished):
+            logits[index] = out[row]
+
+    def decode(self, tables: list[BlockTable], token_ids: list[int]) -> torch.Tensor:
+        """Append one token to each table and run one forward for all; returns logits [S, V].
+
+        Raises KVCacheFull (changing nothing) when the step's new blocks do not fit.
+        """
+        if len(tables) != len(token_ids):
+            raise ValueError(f"decode got {len(tables)} tables but {len(token_ids)} tokens")
+        needed = self.allocator.blocks_needed_for_step(tables)
+        if needed > self.allocator.num_free_blocks:
+            raise KVCacheFull(f"a decode step of {len(tables)} sequences needs {needed} new KV blocks, "
+                              f"{self.allocator.num_free_blocks} are free")
+        for table, token in zip(tables, token_ids):
+            self.allocator.append(table, [token])
+        positions = [table.num_tokens - 1 for table in tables]
+        slots = [self.allocator.slot_mapping(table, p, p + 1)[0] for table, p in zip(tables, positions)]
+        out = self._forward(list(token_ids), positions, slots, tables, [t.num_tokens for t in tables],
+                            [1] * len(tables), None, is_decode=True)
+        for table in tables:
+            self.allocator.mark_computed(table)
+        return out
+
+    def _apply_copies(self) -> None:
+        copies = self.allocator.take_copies()
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.pool.copy_blocks(src, dst)
+
+    def _forward(self, ids, positions, slots, tables, context_lens, query_lens, keep, *, is_decode):
+        self._apply_copies()
+        device = self.device
+        width = max(len(t.block_ids) for t in tables)
+        block_tables = torch.tensor([t.block_ids + [0] * (width - len(t.block_ids)) for t in tables],
+                                    dtype=torch.int32, device=device)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        batch = PagedBatch(
+            pool=self.pool,
+            backend=self.backend,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=block_tables,
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            max_context_len=max(context_lens),
+            is_decode=is_decode,
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        kwargs = {}
+        if keep is not None and self._keeps_logits:
+            kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
+        with torch.inference_mode(), paged_attention_enabled(self.model):
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                sharedecode_batch=batch, **kwargs).logits[0]
+        if keep is not None and not self._keeps_logits:
+            logits = logits[keep]
+        return logits.float()
