@@ -223,8 +223,13 @@ class BlockAllocator:
         self.tables[id(table)] = table
         return table
 
+    def _check_live(self, table: BlockTable) -> None:
+        if self.tables.get(id(table)) is not table:
+            raise ValueError("the block table is not live (freed, or not from this allocator)")
+
     def fork(self, table: BlockTable) -> BlockTable:
         """A child sharing every block of `table` (ref + 1 each); nothing is copied."""
+        self._check_live(table)
         for block_id in table.block_ids:
             self.ref_counts[block_id] += 1
         child = BlockTable(block_ids=list(table.block_ids), token_ids=list(table.token_ids),
@@ -234,6 +239,7 @@ class BlockAllocator:
 
     def append(self, table: BlockTable, token_ids: list[int]) -> None:
         """Reserve slots for new tokens at the end of `table` (copy-on-write where shared)."""
+        self._check_live(table)
         needed = self.blocks_needed_to_append(table, len(token_ids))
         if needed > self.num_free_blocks:
             raise KVCacheFull(
@@ -281,9 +287,16 @@ class BlockAllocator:
         self.pending_copies.clear()
 
     def take_copies(self) -> list[tuple[int, int]]:
-        """The copy-on-write (src, dst) pairs recorded since the last call."""
-        copies, self.pending_copies = self.pending_copies, []
-        return copies
+        """The copy-on-write (src, dst) pairs recorded since the last call, for one batched copy:
+        each destination once (a later copy into a block supersedes an earlier one, whose table was
+        freed), and a source that is itself a destination of the batch replaced by its own source."""
+        origin: dict[int, int] = {}
+        for src, dst in self.pending_copies:
+            source = origin.get(src, src)
+            origin.pop(dst, None)
+            origin[dst] = source
+        self.pending_copies = []
+        return [(src, dst) for dst, src in origin.items()]
 
     def slot_mapping(self, table: BlockTable, start: int, end: int) -> list[int]:
         """Flat KV slot indices (block_id * block_size + offset) of tokens start..end-1."""

@@ -1,0 +1,97 @@
+"""Logits processors as plain functions over a batch `[N, V]`, in Hugging Face's order.
+
+HF applies repetition penalty, then the minimum-length EOS ban, then (sampling only) temperature,
+top-k, top-p and min-p. Each function here returns a new tensor and leaves its input alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: list[list[int]], penalty: float) -> torch.Tensor:
+    """HF's RepetitionPenaltyLogitsProcessor: every token already in a sequence (prompt included)
+    has its logit divided by `penalty` when positive, multiplied when negative."""
+    if penalty == 1.0:
+        return scores
+    width = max(len(s) for s in seen)
+    index = torch.tensor([s + [s[0]] * (width - len(s)) for s in seen], device=scores.device)
+    picked = scores.gather(1, index)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, index, picked)
+
+
+def ban_tokens(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Set `token_ids` to -inf (in `rows` only, a bool mask, when given): HF's min-new-tokens rule."""
+    if not token_ids:
+        return scores
+    scores = scores.clone()
+    ids = torch.tensor(token_ids, device=scores.device)
+    if rows is None:
+        scores[:, ids] = NEG_INF
+    else:
+        scores[rows.nonzero(as_tuple=True)[0][:, None], ids] = NEG_INF
+    return scores
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    return scores if temperature == 1.0 else scores / temperature
+
+
+def apply_top_k(scores: torch.Tensor, top_k: int, min_keep: int = 1) -> torch.Tensor:
+    if top_k <= 0:
+        return scores
+    k = min(max(top_k, min_keep), scores.shape[-1])
+    threshold = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < threshold, NEG_INF)
+
+
+def apply_top_p(scores: torch.Tensor, top_p: float, min_keep: int = 1) -> torch.Tensor:
+    if top_p >= 1.0:
+        return scores
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -min_keep:] = False
+    remove = remove.scatter(1, sorted_indices, remove)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(scores: torch.Tensor, min_p: float, min_keep: int = 1) -> torch.Tensor:
+    if min_p <= 0.0:
+        return scores
+    probs = scores.softmax(dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    keep = torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices
+    remove.scatter_(-1, keep, False)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def process_for_sampling(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p: HF's warpers in HF's order."""
+    scores = apply_temperature(scores, params.temperature)
+    scores = apply_top_k(scores, params.top_k)
+    scores = apply_top_p(scores, params.top_p)
+    return apply_min_p(scores, params.min_p)
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` [N, V]; row i draws from `generators[i]` so that a seeded
+    request's samples do not depend on what else shares its batch."""
+    tokens = []
+    for row, generator in zip(probs, generators):
+        tokens.append(torch.multinomial(row, 1, generator=generator))
+    return torch.cat(tokens)

@@ -1,0 +1,141 @@
+"""Parallel sampling and greedy decoding: the prompt prefilled once, forked n ways."""
+
+from __future__ import annotations
+
+import torch
+
+from sharedecode.engine import Engine
+from sharedecode.results import GeneratedSequence
+from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling
+from sharedecode.scheduler import Branch, Request
+from sharedecode.strategies.base import Strategy, check_float, check_int
+
+
+class SampleRequest(Request):
+    def __init__(self, prompt: list[int], strategy: "ParallelSampling", seed: int | None):
+        super().__init__(prompt)
+        self.strategy = strategy
+        self.rule = strategy.stop_rule()
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self.generated: dict[int, list[int]] = {}  # by id(branch)
+        self.logprobs: dict[int, float] = {}
+        self.finished: list[GeneratedSequence] = []
+
+    def start(self, engine: Engine, table, logits: torch.Tensor) -> None:
+        if self.seed is not None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        count = self.strategy.best_of
+        branches = [Branch(table, -1)] + [Branch(engine.fork(table), -1) for _ in range(count - 1)]
+        self.pending = branches
+        for branch in branches:
+            self.generated[id(branch)] = []
+            self.logprobs[id(branch)] = 0.0
+        self._choose(engine, logits.unsqueeze(0).expand(count, -1))
+
+    def step(self, engine: Engine, logits: torch.Tensor) -> None:
+        self._choose(engine, logits)
+
+    def _choose(self, engine: Engine, logits: torch.Tensor) -> None:
+        s, rule = self.strategy, self.rule
+        scores = logits.float()
+        histories = [self.prompt + self.generated[id(b)] for b in self.pending]
+        scores = apply_repetition_penalty(scores, histories, s.params.repetition_penalty)
+        if rule.bans_eos(len(self.generated[id(self.pending[0])])):
+            scores = ban_tokens(scores, rule.eos_token_ids)
+        if s.params.temperature == 0.0:
+            tokens = scores.argmax(dim=-1)
+            logprobs = torch.log_softmax(scores, dim=-1)
+        else:
+            scores = process_for_sampling(scores, s.params)
+            logprobs = torch.log_softmax(scores, dim=-1)
+            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
+            noise = torch.empty_like(scores).exponential_(generator=self.generator)
+            tokens = (logprobs.exp() / noise).argmax(dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        still_running = []
+        for branch, token, logprob in zip(self.pending, tokens.tolist(), chosen.tolist()):
+            key = id(branch)
+            self.generated[key].append(token)
+            self.logprobs[key] += logprob
+            reason = rule.finish_reason(self.generated[key])
+            if reason is None:
+                branch.next_token = token
+                still_running.append(branch)
+            else:
+                engine.free(branch.table)
+                branch.table = None
+                self.finished.append(self._sequence(self.generated.pop(key), self.logprobs.pop(key), reason))
+        self.pending = still_running
+        self.done = not still_running
+
+    def _sequence(self, generated: list[int], logprob: float, reason: str) -> GeneratedSequence:
+        text = self.strategy.decode_text(generated)
+        if reason == "stop":
+            index = self.rule.stop_index(generated)
+            text = self.strategy.tokenizer.decode(generated)[:index]
+        return GeneratedSequence(generated, text, logprob, logprob, reason)
+
+    def snapshot(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "samples": [(list(self.generated[id(b)]), self.logprobs[id(b)]) for b in self.pending],
+            "finished": [(s.token_ids, s.score) for s in self.finished],
+            "done": self.done,
+        }
+
+    def results(self) -> list[GeneratedSequence]:
+        ranked = sorted(self.finished, key=lambda s: s.score, reverse=True)
+        return ranked[: self.strategy.n]
+
+
+class ParallelSampling(Strategy):
+    """n samples of one prompt sharing its prefilled blocks. Temperature, top_k, top_p, min_p and
+    repetition_penalty are applied in HF's order; temperature 0 is greedy. `seed` makes each
+    request's samples reproducible whatever shares its batch (request i of a batch uses seed + i);
+    `best_of=m` draws m and returns the n with the highest cumulative logprob."""
+
+    def __init__(self, model_or_engine, tokenizer=None, *, n: int = 4, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, best_of: int | None = None, max_new_tokens: int | None = None,
+                 min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
+                 stop: str | list[str] | None = None, truncate_prompt: bool = False):
+        self.n = check_int("n", n, 1)
+        self.best_of = self.n if best_of is None else check_int("best_of", best_of, 1)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n ({n}), got {best_of}")
+        self.params = SamplingParams(
+            temperature=check_float("temperature", temperature, 0.0, float("inf"), high_open=True),
+            top_k=check_int("top_k", top_k, 0),
+            top_p=check_float("top_p", top_p, 0.0, 1.0, low_open=True),
+            min_p=check_float("min_p", min_p, 0.0, 1.0),
+            repetition_penalty=check_float("repetition_penalty", repetition_penalty, 0.0, float("inf"),
+                                           low_open=True, high_open=True),
+        )
+        self.seed = None if seed is None else check_int("seed", seed, 0)
+        super().__init__(model_or_engine, tokenizer, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                         truncate_prompt=truncate_prompt)
+        self._requests_made = 0
+
+    def make_request(self, prompt_ids: list[int]) -> SampleRequest:
+        seed = None if self.seed is None else self.seed + self._requests_made
+        self._requests_made += 1
+        return SampleRequest(prompt_ids, self, seed)
+
+    def stream(self, prompt):
+        self._requests_made = 0
+        yield from super().stream(prompt)
+
+
+class Greedy(ParallelSampling):
+    """Greedy decoding (HF `do_sample=False, num_beams=1`), token for token."""
+
+    def __init__(self, model_or_engine, tokenizer=None, *, max_new_tokens: int | None = None,
+                 min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, stop: str | list[str] | None = None,
+                 truncate_prompt: bool = False):
+        super().__init__(model_or_engine, tokenizer, n=1, temperature=0.0,
+                         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                         truncate_prompt=truncate_prompt)
