@@ -90,6 +90,7 @@ class Engine:
         device: torch.device | str | None = None,
         max_prefill_tokens: int = 4096,
         kv_cache_fraction: float = DEFAULT_GPU_FRACTION,
+        cuda_graphs: bool = True,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -134,6 +135,11 @@ class Engine:
             )
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, block_size, self.layout.bytes_per_token)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
+            from sharedecode.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_context=min(self.shape.max_context or 32768, 32768))
 
     # ---------------------------------------------------------------- setup
     def _default_kv_bytes(self, fraction: float) -> int:
@@ -239,6 +245,14 @@ class Engine:
             self.allocator.append(table, [token])
         positions = [table.num_tokens - 1 for table in tables]
         slots = [self.allocator.slot_mapping(table, p, p + 1)[0] for table, p in zip(tables, positions)]
+        context_lens = [t.num_tokens for t in tables]
+        if self.graphs is not None and self.graphs.fits(len(tables), max(len(t.block_ids) for t in tables)):
+            self._apply_copies()
+            out = self.graphs.run(list(token_ids), positions, slots, [t.block_ids for t in tables],
+                                  context_lens)
+            for table in tables:
+                self.allocator.mark_computed(table)
+            return out
         out = self._forward(list(token_ids), positions, slots, tables, [t.num_tokens for t in tables],
                             [1] * len(tables), None, is_decode=True)
         for table in tables:

@@ -42,7 +42,8 @@ class KVPool:
             raise ValueError(f"the KV pool needs at least one block, got num_blocks={num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
-        self.tensor = torch.empty(
+        # Zeroed, so that padding rows of a captured decode step read finite values.
+        self.tensor = torch.zeros(
             (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.dtype,
             device=device,

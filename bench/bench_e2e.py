@@ -1,0 +1,283 @@
+"""End-to-end and decode-step benchmarks on one GPU (issues 4 and 7; benchmarks.md protocol).
+
+Measures, in one run on one card: the copy bandwidth; the engine's decode step (CUDA graphs,
+Triton kernels) for M1/M2 at batch 1, 8, 64 against the bandwidth floor; and the workloads W-beam,
+W-beam-batch, W-sample and W-shared for sharedecode and HF `model.generate` with the same settings
+(warm, median of --repeats), with peak KV memory against the contiguous equivalent.
+
+    python bench/bench_e2e.py --out results.json [--models M1 M2] [--quick] [--time-budget 480]
+    python bench/bench_e2e.py --tiny --device cpu   # a smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+
+MODELS = {
+    "M1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "M2": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(name: str, device, dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[name], max_position_embeddings=4096, eos_token_id=2, bos_token_id=1)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def timed(fn, device, repeats: int):
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, out
+
+
+HI = 250  # token ids drawn from [3, HI): valid for every model here
+
+
+def decode_steps(engine: Engine, batch: int, context: int, steps: int, bandwidth: float):
+    """Median decode-step time for `batch` sequences of `context` tokens (distinct prompts)."""
+    device = engine.device
+    gen = torch.Generator().manual_seed(batch)
+    tables = [engine.add(torch.randint(3, HI, (context,), generator=gen).tolist()) for _ in range(batch)]
+    try:
+        engine.prefill(tables)
+        tokens = [5] * batch
+        for _ in range(3):
+            engine.decode(tables, tokens)
+        sync(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.decode(tables, tokens)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        ctx = tables[0].num_tokens
+    finally:
+        for t in tables:
+            engine.free(t)
+    kv = batch * ctx * engine.layout.bytes_per_token
+    floor = (weight_bytes(engine.model) + kv) / bandwidth
+    step = statistics.median(times)
+    return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3,
+            "ratio_to_floor": step / floor}
+
+
+def check_logits(model, engine: Engine) -> dict:
+    """Engine prefill + decode logits against the model's own forward (relative L2 error)."""
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, HI, (300,), generator=gen).tolist()
+    table = engine.add(prompt)
+    try:
+        ours = [engine.prefill([table])[0]]
+        for token in (7, 8, 9):
+            ours.append(engine.decode([table], [token])[0])
+    finally:
+        engine.free(table)
+    with torch.inference_mode():
+        ref = model(torch.tensor([prompt + [7, 8, 9]], device=engine.device)).logits[0, -4:].float()
+    errors = [float((o - r).norm() / r.norm()) for o, r in zip(ours, ref)]
+    return {"prefill_rel_err": errors[0], "decode_rel_err_max": max(errors[1:])}
+
+
+def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device):
+    """Time sharedecode and HF generate on the same prompts."""
+    ids = [torch.tensor(p) for p in prompts]
+
+    def run_ours():
+        return ours.run(prompts if len(prompts) > 1 else prompts[0])
+
+    def run_hf():
+        batch = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=0, padding_side="left")
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True,
+                                               padding_side="left")
+        return model.generate(batch.to(device), attention_mask=mask.to(device), **hf_kwargs)
+
+    t_ours, all_ours, result = timed(run_ours, device, repeats)
+    stats = (result[0] if isinstance(result, list) else result).stats
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t_hf, all_hf, _ = timed(run_hf, device, repeats)
+    hf_peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+    new_tokens = hf_kwargs["max_new_tokens"]
+    outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
+    row = {
+        "workload": name, "sharedecode_s": t_ours, "hf_s": t_hf, "speedup": t_hf / t_ours,
+        "sharedecode_runs_s": all_ours, "hf_runs_s": all_hf,
+        "sharedecode_tok_s": outputs / t_ours, "hf_tok_s": outputs / t_hf,
+        "peak_kv_bytes": stats.peak_kv_bytes, "peak_contiguous_kv_bytes": stats.peak_contiguous_kv_bytes,
+        "kv_fraction_of_contiguous": stats.peak_kv_bytes / max(1, stats.peak_contiguous_kv_bytes),
+        "prefill_tokens_reused": stats.prefill_tokens_reused, "decode_steps": stats.decode_steps,
+        "hf_peak_extra_bytes": hf_peak,
+    }
+    print(f"  {name:28s} ours {t_ours:7.3f}s  hf {t_hf:7.3f}s  x{t_hf / t_ours:5.2f}  "
+          f"kv {row['kv_fraction_of_contiguous']:.3f} of contiguous", flush=True)
+    return row
+
+
+def fits_in_budget(engine, prompt_len: int, new_tokens: int, budget: int) -> dict:
+    """Concurrent beams/samples of one prompt that fit `budget` bytes: paged+shared vs contiguous."""
+    bs = engine.block_size
+    per_token = engine.layout.bytes_per_token
+    prompt_blocks = prompt_len // bs  # full prompt blocks are shared by every fork
+    own_blocks = -(-(prompt_len + new_tokens) // bs) - prompt_blocks
+    blocks = budget // (bs * per_token)
+    paged = (blocks - prompt_blocks) // own_blocks
+    contiguous = budget // ((prompt_len + new_tokens) * per_token)
+    return {"prompt": prompt_len, "new_tokens": new_tokens, "budget_bytes": budget,
+            "paged_sequences": paged, "contiguous_sequences": contiguous, "ratio": paged / contiguous}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench_e2e.json")
+    parser.add_argument("--models", nargs="+", default=["M1"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer workloads")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny model")
+    parser.add_argument("--time-budget", type=float, default=480.0)
+    parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import transformers
+
+    report = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "commit": args.commit,
+        "date": time.strftime("%Y-%m-%d"), "dtype": str(dtype),
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else 50e9
+    report["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(report, flush=True)
+    models = ["tiny"] if args.tiny else args.models
+    scale = 8 if args.tiny else 1
+    prompt_len, new_tokens = 512 // scale, 128 // scale
+    for name in models:
+        if time.perf_counter() - t0 > args.time_budget:
+            break
+        section = report.setdefault(name, {})
+        model = build_model(name, device, dtype)
+        engine = Engine(model, backend="auto", kv_cache_bytes=None if device.type == "cuda" else 2**28)
+        section["weight_bytes"] = weight_bytes(model)
+        section["check"] = check_logits(model, engine)
+        print(f"  {name} logits vs HF forward: {section['check']}", flush=True)
+        section["kv_blocks"] = engine.allocator.num_blocks
+        # Decode step against the floor.
+        section["decode"] = []
+        for batch in (1, 8, 64):
+            row = decode_steps(engine, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
+            section["decode"].append(row)
+            print(f"  {name} decode batch {batch:3d}: {row['step_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms, "
+                  f"x{row['ratio_to_floor']:.2f}", flush=True)
+        section["fit_8GiB"] = fits_in_budget(engine, 2048, 128, 8 * 2**30)
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, HI, (prompt_len,), generator=gen).tolist()
+        common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        hf_common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        workloads = []
+        for k in ((4, 8, 16) if not args.quick else (8,)):
+            workloads.append((f"W-beam k={k}", [prompt], BeamSearch(engine, num_beams=k, **common),
+                              dict(num_beams=k, do_sample=False, **hf_common)))
+        workloads.append(("W-sample n=64", [prompt],
+                          ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common),
+                          dict(do_sample=True, num_return_sequences=64, top_p=0.9, temperature=0.8,
+                               **hf_common)))
+        if not args.quick:
+            workloads.append(("W-sample n=8", [prompt],
+                              ParallelSampling(engine, n=8, top_p=0.9, temperature=0.8, seed=0, **common),
+                              dict(do_sample=True, num_return_sequences=8, top_p=0.9, temperature=0.8,
+                                   **hf_common)))
+        system = torch.randint(3, HI, (1024 // scale,), generator=gen).tolist()
+        for requests in (32, 256):
+            prompts = [system + torch.randint(3, HI, (64 // scale,), generator=gen).tolist()
+                       for _ in range(requests)]
+            workloads.append((f"W-shared {requests}", prompts, Greedy(engine, **common),
+                              dict(do_sample=False, **hf_common)))
+        batch_prompts = [torch.randint(3, HI, (prompt_len,), generator=gen).tolist() for _ in range(16)]
+        workloads.append(("W-beam-batch 16x8", batch_prompts, BeamSearch(engine, num_beams=8, **common),
+                          dict(num_beams=8, do_sample=False, **hf_common)))
+        section["workloads"] = []
+        for workload in workloads:
+            if time.perf_counter() - t0 > args.time_budget:
+                section["skipped_for_time"] = True
+                break
+            try:
+                section["workloads"].append(run_workload(*workload[:1], model, engine, workload[1], workload[2],
+                                                         workload[3], args.repeats, device))
+            except Exception as error:  # record and go on: one failure must not lose the others
+                section["workloads"].append({"workload": workload[0], "error": repr(error)})
+                print(f"  {workload[0]} failed: {error!r}", flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        del engine, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report["wall_s"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}))
+
+
+if __name__ == "__main__":
+    main()

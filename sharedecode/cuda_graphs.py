@@ -1,0 +1,89 @@
+"""Decode steps captured as CUDA graphs, one graph per batch-size bucket.
+
+A decode step of a small model is dozens of short kernels per layer; launching them from Python
+costs more than running them. Each bucket's graph reads static input buffers (token ids, positions,
+slots, block tables, context lengths) and writes static logits; a step copies its inputs in,
+replays, and reads the first n rows. Padding rows write nowhere (slot -1) and attend to one token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sharedecode.attention import PagedBatch, paged_attention_enabled
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, engine, max_batch: int = 256, max_context: int = 32768):
+        self.engine = engine
+        self.buckets = [b for b in BUCKETS if b <= max_batch]
+        self.max_batch = self.buckets[-1]
+        self.max_blocks = -(-max_context // engine.block_size)
+        device = engine.device
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # graph memory pool shared by all buckets
+
+    def fits(self, num_seqs: int, max_blocks: int) -> bool:
+        return num_seqs <= self.max_batch and max_blocks <= self.max_blocks
+
+    def _batch(self, size: int) -> PagedBatch:
+        return PagedBatch(
+            pool=self.engine.pool,
+            backend=self.engine.backend,
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            context_lens=self.context_lens[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            max_context_len=None,
+            is_decode=True,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        out = self.engine.model(input_ids=self.input_ids[None, :size], position_ids=self.positions[None, :size],
+                                use_cache=False, sharedecode_batch=self._batch(size))
+        return out.logits[0].float()
+
+    def _capture(self, size: int) -> None:
+        model = self.engine.model
+        with torch.inference_mode(), paged_attention_enabled(model):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) off the graph
+                    self._forward(size)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(size)
+            self.pool = graph.pool()
+        self.graphs[size] = (graph, logits)
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            context_lens: list[int]) -> torch.Tensor:
+        n = len(token_ids)
+        size = next(b for b in self.buckets if b >= n)
+        if size not in self.graphs:
+            self._capture(size)
+        width = max(len(t) for t in tables)
+        host = torch.zeros((size, width), dtype=torch.int32)
+        for row, table in enumerate(tables):
+            host[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        pad = size - n
+        self.input_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.context_lens[:size].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32),
+                                       non_blocking=True)
+        self.block_tables[:size, :width].copy_(host, non_blocking=True)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]
