@@ -287,9 +287,11 @@ class BlockAllocator:
         self.pending_copies.clear()
 
     def take_copies(self) -> list[tuple[int, int]]:
-        """The copy-on-write (src, dst) pairs recorded since the last call, for one batched copy:
+        """The copy-on-write (src, dst) pairs recorded since the last call, for one batched copy
+        that reads every source before writing any destination (as `KVPool.copy_blocks` does):
         each destination once (a later copy into a block supersedes an earlier one, whose table was
-        freed), and a source that is itself a destination of the batch replaced by its own source."""
+        freed), and a source that is itself a destination of the batch replaced by its own source.
+        A source can still be a destination: a freed source block taken again as a copy target."""
         origin: dict[int, int] = {}
         for src, dst in self.pending_copies:
             source = origin.get(src, src)

@@ -16,6 +16,7 @@ from sharedecode.results import GeneratedSequence
 from sharedecode.sampling import apply_repetition_penalty, ban_tokens
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
+from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
 
 NEG = -1.0e9  # HF's "impossible" score
 
@@ -149,7 +150,9 @@ class BeamRequest(Request):
 
 class BeamSearch(Strategy):
     """`BeamSearch(model).run(prompt)`: HF beam search (`num_beams`, `length_penalty`,
-    `early_stopping` True / False / "never", `num_return_sequences`) on a copy-on-write cache."""
+    `early_stopping` True / False / "never", `num_return_sequences`) on a copy-on-write cache.
+    `num_beam_groups > 1` runs diverse (group) beam search as transformers v4 did, with
+    `diversity_penalty` subtracted per use of a token by an earlier group at the same step."""
 
     def __init__(self, model_or_engine, tokenizer=None, *, num_beams: int = 4,
                  max_new_tokens: int | None = None, min_new_tokens: int = 0, length_penalty: float = 1.0,
@@ -174,8 +177,6 @@ class BeamSearch(Strategy):
             raise ValueError(f"num_beams ({num_beams}) must be divisible by num_beam_groups ({num_beam_groups})")
         self.diversity_penalty = check_float("diversity_penalty", diversity_penalty, 0.0, float("inf"),
                                              high_open=True)
-        if self.num_beam_groups > 1:
-            raise NotImplementedError("diverse (group) beam search is not implemented yet")
         super().__init__(model_or_engine, tokenizer, max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, stop=stop,
                          truncate_prompt=truncate_prompt)
@@ -188,4 +189,6 @@ class BeamSearch(Strategy):
                             min_new_tokens=self.min_new_tokens, repetition_penalty=self.repetition_penalty,
                             eos_token_id=self.eos_token_ids, stop=self.stop_strings or None)
             return greedy.make_request(prompt_ids)
+        if self.num_beam_groups > 1:
+            return DiverseBeamRequest(prompt_ids, self)
         return BeamRequest(prompt_ids, self)
