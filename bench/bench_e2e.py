@@ -220,7 +220,8 @@ def main():
             break
         section = report.setdefault(name, {})
         model = build_model(name, device, dtype)
-        engine = Engine(model, backend="auto", kv_cache_bytes=None if device.type == "cuda" else 2**28)
+        # A fixed KV budget leaves HF generate room on the same card.
+        engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30 if device.type == "cuda" else 2**28)
         section["weight_bytes"] = weight_bytes(model)
         section["check"] = check_logits(model, engine)
         print(f"  {name} logits vs HF forward: {section['check']}", flush=True)
