@@ -11,8 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import Engine  # noqa: E402
 
 
-def check(model, backend, graphs, batch, dtype):
+def check(model, backend, graphs, batch, dtype, splits=None):
     engine = Engine(model, backend=backend, kv_cache_bytes=2**30, cuda_graphs=graphs)
+    if graphs:
+        engine.graphs.num_splits = splits
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (int(n),), generator=gen).tolist()
                for n in torch.randint(20, 300, (batch,), generator=gen)]
@@ -32,13 +34,21 @@ def check(model, backend, graphs, batch, dtype):
     return max(errors[::5]), max(e for i, e in enumerate(errors) if i % 5)
 
 
+import sharedecode.kernels.paged_attention as pa  # noqa: E402
+
+choose = pa.choose_num_splits
 for dtype in (torch.float32, torch.bfloat16):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048)
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
-    for backend, graphs in (("torch", False), ("triton", False), ("triton", True)):
-        for batch in (1, 3, 8):
-            prefill_err, decode_err = check(model, backend, graphs, batch, dtype)
-            print(f"{str(dtype):15s} {backend:6s} graphs={graphs!s:5s} batch={batch}: "
-                  f"prefill {prefill_err:.2e} decode {decode_err:.2e}", flush=True)
+    for name, backend, graphs, splits, forced in (
+            ("triton eager", "triton", False, None, None), ("eager forced 32 splits", "triton", False, None, 32),
+            ("eager forced 4 splits", "triton", False, None, 4),
+            ("graphs 1 split", "triton", True, 1, None), ("graphs 4 splits", "triton", True, 4, None),
+            ("graphs auto", "triton", True, None, None)):
+        pa.choose_num_splits = (lambda *a, n=forced, **k: n) if forced else choose
+        for batch in (1, 8):
+            prefill_err, decode_err = check(model, backend, graphs, batch, dtype, splits)
+            print(f"{str(dtype):15s} {name:24s} batch={batch}: prefill {prefill_err:.2e} decode {decode_err:.2e}",
+                  flush=True)

@@ -35,6 +35,7 @@ class PagedBatch:
     max_context_len: int
     is_decode: bool  # one new token per sequence
     prefix_groups: object | None = None  # shared-prefix groups of a decode step (triton backend)
+    num_splits: int | None = None  # split-KV factor for decode; None: the kernel chooses
 
 
 def paged_attention_forward(
@@ -74,7 +75,8 @@ def paged_attention_forward(
 
             out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                   batch.query_start_loc, scale=scale, sliding_window=sliding_window,
-                                  softcap=softcap, max_context_len=batch.max_context_len)
+                                  softcap=softcap, max_context_len=batch.max_context_len,
+                                  num_splits=batch.num_splits)
     else:
         from sharedecode.kernels.paged_attention import paged_attention_torch
 

@@ -16,8 +16,10 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, engine, max_batch: int = 256, max_context: int = 32768):
+    def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
+                 num_splits: int | None = None):
         self.engine = engine
+        self.num_splits = num_splits
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_context // engine.block_size)
@@ -45,6 +47,7 @@ class DecodeGraphs:
             query_start_loc=self.query_start_loc[: size + 1],
             max_context_len=None,
             is_decode=True,
+            num_splits=self.num_splits,
         )
 
     def _forward(self, size: int) -> torch.Tensor:
