@@ -89,4 +89,4 @@ class DecodeGraphs:
         self.block_tables[:size, :width].copy_(host, non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:n]
+        return logits[:n].clone()  # the static buffer is overwritten by the next replay
