@@ -193,7 +193,7 @@ class Engine:
         Chunked: at most `max_prefill_tokens` tokens per forward. Tables are computed in order, so a
         table that reuses blocks another table of the same call is computing finds them written.
         """
-        work = [(table, table.num_cached_tokens, table.num_tokens) for table in tables]
+        work = [(table, self._first_uncomputed(table), table.num_tokens) for table in tables]
         logits = [None] * len(tables)
         chunk: list[tuple[int, int, int]] = []  # (table index, start, end)
         budget = self.max_prefill_tokens
@@ -211,6 +211,18 @@ class Engine:
         for table in tables:
             self.allocator.mark_computed(table)
         return torch.stack(logits)
+
+    def _first_uncomputed(self, table: BlockTable) -> int:
+        """Where `table`'s prefill starts: after its cached blocks whose KV is already written.
+
+        A reused block that another table is still computing is recomputed here (writing the same
+        K/V into the shared slot is harmless), so the order of tables never matters.
+        """
+        bs = self.block_size
+        for index in range(table.num_cached_tokens // bs):
+            if not self.allocator.computed[table.block_ids[index]]:
+                return index * bs
+        return table.num_cached_tokens
 
     def _prefill_chunk(self, tables, chunk, logits) -> None:
         ids, positions, slots, keep = [], [], [], []

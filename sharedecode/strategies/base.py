@@ -87,14 +87,23 @@ class Strategy:
         generation_config = getattr(self.engine.model, "generation_config", None)
         if max_new_tokens is None:
             max_new_tokens = getattr(generation_config, "max_new_tokens", None) or 20
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        context = self.engine.shape.max_context
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1,
+                                        None if context is None else context - 1)
         self.min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0, self.max_new_tokens)
         if eos_token_id is None:
             eos_token_id = getattr(generation_config, "eos_token_id", None)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
-        eos_ids = [] if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id))
+        if eos_token_id is None:
+            eos_ids = []
+        elif isinstance(eos_token_id, numbers.Integral):
+            eos_ids = [eos_token_id]
+        elif isinstance(eos_token_id, (list, tuple)):
+            eos_ids = list(eos_token_id)
+        else:
+            raise TypeError(f"eos_token_id must be an int, a list of ints or None, "
+                            f"got {type(eos_token_id).__name__} {eos_token_id!r}")
         for token in eos_ids:
             check_int("eos_token_id", token, 0, self.engine.shape.vocab_size - 1)
         self.eos_token_ids = [int(t) for t in eos_ids]
@@ -107,8 +116,21 @@ class Strategy:
                 raise ValueError("stop strings need a tokenizer to decode the text")
         self.stop_strings = list(stop or [])
         if not isinstance(truncate_prompt, bool):
-            raise TypeError("truncate_prompt must be True or False")
+            raise TypeError(f"truncate_prompt must be True or False, got {truncate_prompt!r}")
         self.truncate_prompt = truncate_prompt
+        self._check_width()
+
+    def _check_width(self) -> None:
+        """Each sequence a request runs at once needs a KV block of its own (its last one), so
+        num_beams / best_of beyond the cache's block count could never run."""
+        name = "num_beams" if hasattr(self, "num_beams") else "best_of"
+        width = getattr(self, name, 1)
+        num_blocks = self.engine.allocator.num_blocks
+        if width > num_blocks:
+            raise ValueError(
+                f"{name} must be <= {num_blocks} (the KV cache's block count: every sequence needs "
+                f"a block of its own), got {width}; raise kv_cache_bytes"
+            )
 
     # ---------------------------------------------------------------- prompts
     def encode(self, prompt) -> list[int]:
@@ -177,8 +199,12 @@ class Strategy:
         requests = [self.make_request(ids) for ids in prompts]
         stats = GenerationStats()
         scheduler = Scheduler(self.engine, stats)
-        for _ in scheduler.iterate(requests):
-            yield [r.snapshot() for r in requests]
+        steps = scheduler.iterate(requests)
+        try:
+            for _ in steps:
+                yield [r.snapshot() for r in requests]
+        finally:  # frees the requests' blocks now, not when the garbage collector gets to `steps`
+            steps.close()
         results = [GenerationResult(r.prompt, r.results(), stats) for r in requests]
         stats.generated_tokens = sum(len(s.token_ids) for res in results for s in res.sequences)
         self._last_results = results if is_batch else results[0]

@@ -1,0 +1,25 @@
+"""Kernel tests run the Triton kernels through the Triton interpreter on CPU.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, hence at the very top here.
+On a machine with CUDA, set SHAREDECODE_TEST_CUDA=1 to run the same tests on the GPU instead.
+"""
+import os
+
+if os.environ.get("SHAREDECODE_TEST_CUDA", "0") == "0":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    if os.environ.get("SHAREDECODE_TEST_CUDA", "0") != "0":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # a fresh but reproducible draw per test
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
