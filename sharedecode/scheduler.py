@@ -5,10 +5,14 @@ A request (a beam search or a group of samples for one prompt) keeps its live se
 `Branch`es: a block table plus the token to feed next. Each step the scheduler decodes every pending
 branch of every running request in one forward and hands each request its rows of logits.
 
-When the next step's blocks do not fit, the most recently admitted request is preempted: its blocks
-are freed and its branches remember their tokens; it is re-admitted later by recomputing them (a
-prefill whose last-token logits are what the skipped decode would have given). Requests wait for
-admission in order. Only a request that cannot fit even alone raises `KVCacheFull`.
+Requests wait for admission in order; one is admitted when its prompt fits with one block of
+headroom left for every running sequence and for each sequence it will fork into (what their next
+decode step can take). When a step's blocks still do not fit, the most recently started request is
+preempted: its blocks are freed and its branches remember their tokens; it is resumed later (before
+any new admission) by recomputing them (a prefill whose last-token logits are what the skipped decode
+would have given), counting the blocks its branches share (their prompt) once. Only a request that
+cannot fit even alone raises `KVCacheFull`; every exception, and closing the iteration early, frees
+every block the requests hold.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from sharedecode.block_allocator import BlockTable, KVCacheFull
+from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, block_hash
 from sharedecode.engine import Engine
 from sharedecode.results import GenerationStats
 
@@ -49,8 +53,22 @@ class Request:
         """`logits` [len(self.pending), V]: each pending branch's next-token logits."""
         raise NotImplementedError
 
+    def width(self) -> int:
+        """How many sequences this request decodes at once: the new blocks its next decode step
+        can take at most (one per sequence). Before `start`, the sequences it will fork into."""
+        if self.pending:
+            return len(self.pending)
+        if self.done:
+            return 0
+        strategy = getattr(self, "strategy", None)  # BeamSearch: num_beams; ParallelSampling: best_of
+        count = (getattr(self, "num_beams", None) or getattr(strategy, "best_of", None)
+                 or getattr(strategy, "num_beams", None))
+        return max(1, int(count or 1))
+
     def blocks_to_resume(self, engine: Engine) -> int:
-        return sum(engine.allocator.blocks_for(len(b.saved_tokens)) for b in self.pending)
+        """Free blocks that re-adding every preempted branch takes, counting the blocks the
+        branches share with each other (their common prompt) and with the cache once."""
+        return blocks_to_allocate_together(engine.allocator, [b.saved_tokens for b in self.pending])
 
     def release(self, engine: Engine) -> None:
         """Free every block this request holds."""
@@ -60,7 +78,49 @@ class Request:
                 branch.table = None
 
 
+def blocks_to_allocate_together(allocator: BlockAllocator, sequences: list[list[int]]) -> int:
+    """Free blocks that `allocator.allocate(tokens)` for each of `sequences` in turn takes.
+
+    Mirrors `BlockAllocator.allocate`: each sequence reuses leading full blocks already cached or
+    registered by an earlier sequence of the same batch (a cached block at ref count 0 costs one
+    free block, as it leaves the evictable pool), and registers its own full blocks for the next.
+    """
+    bs = allocator.block_size
+    registered: set[int] = set()  # hashes the earlier sequences of the batch will register
+    revived: set[int] = set()
+    needed = 0
+    for tokens in sequences:
+        matched, previous = 0, None
+        for start in range(0, len(tokens) - bs, bs):  # full blocks before the last token
+            chunk = tuple(tokens[start : start + bs])
+            h = block_hash(previous, chunk)
+            block_id = allocator.hash_to_block.get(h)
+            if block_id is not None and allocator.block_tokens.get(block_id) == chunk:
+                if allocator.ref_counts[block_id] == 0 and block_id not in revived:
+                    revived.add(block_id)
+                    needed += 1
+            elif h not in registered:
+                break
+            matched += 1
+            previous = h
+        needed += allocator.blocks_for(len(tokens)) - matched
+        for start in range(matched * bs, len(tokens) - bs + 1, bs):  # the full blocks it registers
+            h = block_hash(previous, tuple(tokens[start : start + bs]))
+            if h in allocator.hash_to_block or h in registered:
+                break  # allocate leaves the block unhashed, which breaks the chain after it
+            registered.add(h)
+            previous = h
+    return needed
+
+
 class Scheduler:
+    """Runs requests on one engine; see the module docstring for the memory policy.
+
+    Invariants that keep every loop finite: an iteration of `iterate` either admits or resumes a
+    request (whose first step generates a token) or decodes one step of the running ones; a request
+    alone in the cache is always admitted or resumed, or raises KVCacheFull when it cannot fit.
+    """
+
     def __init__(self, engine: Engine, stats: GenerationStats | None = None):
         self.engine = engine
         self.stats = stats or GenerationStats()
@@ -80,11 +140,13 @@ class Scheduler:
         preempted: list[Request] = []
         running: list[Request] = []
         try:
+            self._check_fits_alone(waiting)
             while waiting or preempted or running:
                 self._resume(preempted, running)
+                running = [r for r in running if not r.done]
                 if not preempted:
                     self._admit(waiting, running)
-                running = [r for r in running if not r.done]
+                    running = [r for r in running if not r.done]
                 if running:
                     self._decode(running, preempted)
                     running = [r for r in running if not r.done]
@@ -94,72 +156,105 @@ class Scheduler:
                 request.release(self.engine)
             self.stats.wall_time_s += time.perf_counter() - start
 
+    def _check_fits_alone(self, requests: list[Request]) -> None:
+        """Fail before any work for a prompt that cannot fit even in an empty cache."""
+        allocator = self.engine.allocator
+        for request in requests:
+            blocks = allocator.blocks_for(len(request.prompt))
+            if blocks > allocator.num_blocks:
+                raise KVCacheFull(
+                    f"a {len(request.prompt)}-token prompt needs {blocks} KV blocks but the cache has "
+                    f"{allocator.num_blocks} (block_size={allocator.block_size}); raise kv_cache_bytes"
+                )
+
     # ---------------------------------------------------------------- admission
     def _admit(self, waiting: list[Request], running: list[Request]) -> None:
+        """Start waiting requests, in order, while their prompts fit with room for every running
+        sequence (and each admitted request's sequences) to take one more block at the next step."""
         engine = self.engine
         batch: list[tuple[Request, BlockTable]] = []
-        while waiting:
-            request = waiting[0]
-            needed = engine.allocator.blocks_needed_to_allocate(request.prompt)
-            # Keep room for one more block per running branch so that admitted work can progress.
-            headroom = sum(len(r.pending) for r in running) + len(batch)
-            if needed + headroom > engine.num_free_blocks:
-                if not running and not batch and needed > engine.allocator.num_blocks:
-                    raise KVCacheFull(
-                        f"a {len(request.prompt)}-token prompt needs {needed} KV blocks but the cache "
-                        f"has {engine.allocator.num_blocks}; raise kv_cache_bytes"
-                    )
-                if running or batch:
-                    break
-                # Alone and still not fitting its headroom: try the prompt itself.
-                if needed > engine.num_free_blocks:
-                    raise KVCacheFull(f"a {len(request.prompt)}-token prompt does not fit the KV cache")
-            waiting.pop(0)
-            table = engine.add(request.prompt)
-            batch.append((request, table))
-        if not batch:
-            return
-        tables = [table for _, table in batch]
-        for table in tables:
-            self.stats.prompt_tokens += table.num_tokens
-            self.stats.prefill_tokens_reused += table.num_cached_tokens
-            self.stats.prefill_tokens_computed += table.num_tokens - table.num_cached_tokens
+        headroom = sum(r.width() for r in running)
         try:
-            logits = engine.prefill(tables)
-        except BaseException:
+            while waiting:
+                request = waiting[0]
+                needed = engine.allocator.blocks_needed_to_allocate(request.prompt)
+                width = request.width()
+                if needed + headroom + width > engine.num_free_blocks:
+                    if running or batch:
+                        break  # wait for the running requests to make room
+                    # Alone in the cache: start it if its prompt fits; its steps raise if they can't.
+                    if needed > engine.num_free_blocks:
+                        raise KVCacheFull(
+                            f"a {len(request.prompt)}-token prompt needs {needed} KV blocks, "
+                            f"{engine.num_free_blocks} of {engine.allocator.num_blocks} are free"
+                        )
+                table = engine.add(request.prompt)
+                waiting.pop(0)
+                batch.append((request, table))
+                headroom += width
+            if not batch:
+                return
+            tables = [table for _, table in batch]
             for table in tables:
+                self.stats.prompt_tokens += table.num_tokens
+                self.stats.prefill_tokens_reused += table.num_cached_tokens
+                self.stats.prefill_tokens_computed += table.num_tokens - table.num_cached_tokens
+            logits = engine.prefill(tables)
+            for row in logits:
+                request, table = batch[0]
+                running.append(request)
+                request.start(engine, table, row)
+                batch.pop(0)  # started: the request owns (and frees) its table
+        finally:
+            # Tables not handed over because an exception interrupted admission (a request's start
+            # included: it may have failed before taking its table; freeing twice is harmless).
+            for _, table in batch:
                 engine.free(table)
-            raise
-        for (request, table), row in zip(batch, logits):
-            running.append(request)
-            request.start(engine, table, row)
         self._track_peak(running)
 
     def _resume(self, preempted: list[Request], running: list[Request]) -> None:
+        """Recompute preempted requests (most recently preempted first) while they fit with room for
+        one more block per running sequence; alone in the cache, one always resumes or raises."""
         engine = self.engine
         while preempted:
             request = preempted[0]
             needed = request.blocks_to_resume(engine)
-            headroom = sum(len(r.pending) for r in running) + len(request.pending)
-            if needed + headroom > engine.num_free_blocks and running:
+            headroom = sum(r.width() for r in running) + request.width()
+            alone = not any(r.pending for r in running)
+            if needed + headroom > engine.num_free_blocks and not alone:
                 return
-            if needed > engine.num_free_blocks:
+            if needed > engine.num_free_blocks or not self._readd(request):
+                if not alone:
+                    return
                 raise KVCacheFull(
                     f"a request with {len(request.pending)} sequences of up to "
-                    f"{max(len(b.saved_tokens) for b in request.pending)} tokens does not fit the KV cache "
-                    "even alone; raise kv_cache_bytes or lower num_beams / n"
+                    f"{max(len(b.saved_tokens) for b in request.pending)} tokens needs {needed} KV "
+                    f"blocks, more than the {engine.num_free_blocks} the cache has free with nothing "
+                    "else running; raise kv_cache_bytes or lower num_beams / n"
                 )
             preempted.pop(0)
-            for branch in request.pending:
-                branch.table = engine.add(branch.saved_tokens)
-                branch.saved_tokens = None
+            running.append(request)
             tables = [b.table for b in request.pending]
             self.stats.prefill_tokens_computed += sum(t.num_tokens - t.num_cached_tokens for t in tables)
             self.stats.prefill_tokens_reused += sum(t.num_cached_tokens for t in tables)
             logits = engine.prefill(tables)
-            running.append(request)
             request.step(engine, logits)
             self._track_peak(running)
+
+    def _readd(self, request: Request) -> bool:
+        """Allocate the preempted request's branches again; False (nothing held) if they don't fit."""
+        try:
+            for branch in request.pending:
+                branch.table = self.engine.add(branch.saved_tokens)
+        except KVCacheFull:
+            request.release(self.engine)
+            return False
+        except BaseException:
+            request.release(self.engine)
+            raise
+        for branch in request.pending:
+            branch.saved_tokens = None
+        return True
 
     def _preempt(self, request: Request, preempted: list[Request]) -> None:
         for branch in request.pending:
@@ -170,17 +265,21 @@ class Scheduler:
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, running: list[Request], preempted: list[Request]) -> None:
+        """One decode step of every running request; when the step's blocks do not fit, the most
+        recently started requests are preempted first. Alone and not fitting: KVCacheFull."""
         engine = self.engine
         while True:
             tables = [b.table for r in running for b in r.pending]
-            if engine.blocks_needed_for_decode(tables) <= engine.num_free_blocks:
+            needed = engine.blocks_needed_for_decode(tables)
+            if needed <= engine.num_free_blocks:
                 break
             if len(running) == 1:
                 raise KVCacheFull(
-                    f"one request's {len(tables)} sequences need more KV blocks than the cache has; "
-                    "raise kv_cache_bytes or lower num_beams / n / max_new_tokens"
+                    f"one request's {len(tables)} sequences need {needed} new KV blocks for their next "
+                    f"token, {engine.num_free_blocks} of {engine.allocator.num_blocks} are free with "
+                    "nothing else running; raise kv_cache_bytes or lower num_beams / n / max_new_tokens"
                 )
-            victim = running.pop()  # the most recently admitted
+            victim = running.pop()  # the most recently started
             self._preempt(victim, preempted)
         tokens = [b.next_token for r in running for b in r.pending]
         logits = engine.decode(tables, tokens)
