@@ -312,18 +312,22 @@ def test_a_budget_too_small_for_one_sequence(model):
     assert_clean(one_block)
 
 
-# ----------------------------------------------------------------------------- known bugs elsewhere
-@pytest.mark.xfail(reason="beam_search.py: (n + 1) ** length_penalty overflows a Python float "
-                          "for large accepted length_penalty (OverflowError)", raises=OverflowError)
-def test_large_length_penalty_does_not_overflow(engine):
-    BeamSearch(engine, num_beams=2, max_new_tokens=3, length_penalty=1e6).run([1, 2, 3])
+# ----------------------------------------------------------------------------- former bugs
+def test_large_length_penalty_is_rejected_not_overflowing(engine):
+    with pytest.raises(ValueError, match="length_penalty"):
+        BeamSearch(engine, num_beams=2, max_new_tokens=3, length_penalty=1e6)
+    BeamSearch(engine, num_beams=2, max_new_tokens=3, length_penalty=100.0).run([1, 2, 3])
+    assert_clean(engine)
 
 
-@pytest.mark.xfail(reason="beam_search.py: early_stopping is compared with `in`, so a tensor raises "
-                          "RuntimeError instead of ValueError", raises=RuntimeError)
 def test_early_stopping_tensor_is_a_value_error(engine):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="early_stopping"):
         BeamSearch(engine, early_stopping=torch.tensor([True, False]))
+
+
+def test_seed_beyond_int64_is_a_value_error(engine):
+    with pytest.raises(ValueError, match="seed"):
+        ParallelSampling(engine, seed=2**64)
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -433,7 +437,7 @@ def test_fuzz_beam_search(engine, data):
     early_ok = early_stopping is True or early_stopping is False or early_stopping == "never"
     valid = (
         early_ok and is_int(num_beams, 1, NUM_BLOCKS) and is_int(num_return_sequences, 1, num_beams)
-        and is_real(length_penalty, -1e6, 1e6)
+        and is_real(length_penalty, -100.0, 100.0)
         and is_int(max_new_tokens, 1, CONTEXT - 1) and is_int(min_new_tokens, 0, max_new_tokens)
         and is_real(repetition_penalty, 0, math.inf, low_open=True, high_open=True)
         and is_int(num_beam_groups, 1, num_beams) and num_beams % num_beam_groups == 0
@@ -474,7 +478,7 @@ def test_fuzz_parallel_sampling(engine, data):
         and is_real(temperature, 0, math.inf, high_open=True) and is_int(top_k, 0)
         and is_real(top_p, 0, 1, low_open=True) and is_real(min_p, 0, 1)
         and is_real(repetition_penalty, 0, math.inf, low_open=True, high_open=True)
-        and (seed is None or is_int(seed, 0, 2**63)) and is_int(max_new_tokens, 1, CONTEXT - 1)
+        and (seed is None or is_int(seed, 0, 2**63 - 1)) and is_int(max_new_tokens, 1, CONTEXT - 1)
         and is_int(min_new_tokens, 0, max_new_tokens) and eos_valid(eos_token_id)
         and prompt_valid(prompt, max_new_tokens))
     check_outcome(valid, lambda: ParallelSampling(engine, **kwargs).run(prompt), engine)

@@ -165,9 +165,10 @@ class BeamSearch(Strategy):
         if self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences must be <= num_beams ({num_beams}), "
                              f"got {num_return_sequences}")
-        self.length_penalty = check_float("length_penalty", length_penalty, -1e6, 1e6)
-        if early_stopping not in (True, False, "never") or isinstance(early_stopping, (int, float)) and \
-                not isinstance(early_stopping, bool):
+        # |length_penalty| <= 100 keeps (tokens ** length_penalty) finite for any length.
+        self.length_penalty = check_float("length_penalty", length_penalty, -100.0, 100.0)
+        if not (early_stopping is True or early_stopping is False or
+                (isinstance(early_stopping, str) and early_stopping == "never")):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         self.early_stopping = early_stopping
         self.repetition_penalty = check_float("repetition_penalty", repetition_penalty, 0.0, float("inf"),

@@ -112,7 +112,7 @@ class ParallelSampling(Strategy):
             repetition_penalty=check_float("repetition_penalty", repetition_penalty, 0.0, float("inf"),
                                            low_open=True, high_open=True),
         )
-        self.seed = None if seed is None else check_int("seed", seed, 0)
+        self.seed = None if seed is None else check_int("seed", seed, 0, 2**63 - 1)
         super().__init__(model_or_engine, tokenizer, max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, stop=stop,
                          truncate_prompt=truncate_prompt)
