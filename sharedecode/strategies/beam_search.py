@@ -107,7 +107,9 @@ class BeamRequest(Request):
             return
         # Survivors fork from their parents; the caller frees the parents afterwards.
         self.running_generated = [candidates[i] for i in next_indices]
-        self.pending = [Branch(engine.fork(parents[beam_of[i]]), token_of[i]) for i in next_indices]
+        self.pending = []
+        for i in next_indices:  # appended one by one so that an interruption frees what exists
+            self.pending.append(Branch(engine.fork(parents[beam_of[i]]), token_of[i]))
 
     def _update_heuristic(self) -> None:
         s = self.strategy

@@ -26,8 +26,9 @@ class SampleRequest(Request):
         if self.seed is not None:
             self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
         count = self.strategy.best_of
-        branches = [Branch(table, -1)] + [Branch(engine.fork(table), -1) for _ in range(count - 1)]
-        self.pending = branches
+        self.pending = branches = [Branch(table, -1)]
+        for _ in range(count - 1):  # appended one by one so that an interruption frees what exists
+            branches.append(Branch(engine.fork(table), -1))
         for branch in branches:
             self.generated[id(branch)] = []
             self.logprobs[id(branch)] = 0.0
