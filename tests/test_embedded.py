@@ -59,15 +59,6 @@ def _common_fraction(model, tok, prompts, n_new=20):
     return sum(w in COMMON_WORDS for w in words) / max(len(words), 1), words
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 2.4M-parameter model decodes fastest single-threaded (and immune to busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def loaded():
     records = []

@@ -90,15 +90,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is several times faster than contended threads on small CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(arch: str, seed: int = 0):
     make_config, cls = ARCHS[arch]
     config = make_config()

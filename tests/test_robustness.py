@@ -30,15 +30,6 @@ def tiny_llama(vocab: int = VOCAB, max_positions: int = 256) -> LlamaForCausalLM
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads only add synchronisation (and oversubscribe a loaded CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()

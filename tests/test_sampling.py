@@ -37,14 +37,6 @@ PAD = 0
 EOS = [2, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(vocab: int, seed: int, scale: float = 8.0, eos=EOS):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
