@@ -77,16 +77,14 @@ class DecodeGraphs:
         if size not in self.graphs:
             self._capture(size)
         width = max(len(t) for t in tables)
-        host = torch.zeros((size, width), dtype=torch.int32)
-        for row, table in enumerate(tables):
-            host[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         pad = size - n
         self.input_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         self.context_lens[:size].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32),
                                        non_blocking=True)
-        self.block_tables[:size, :width].copy_(host, non_blocking=True)
+        self.block_tables[:n, :width].copy_(host, non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n].clone()  # the static buffer is overwritten by the next replay

@@ -22,13 +22,21 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
 
+def to_device(values, device: torch.device, dtype=None) -> torch.Tensor:
+    """A host list or CPU tensor on `device` without synchronising the stream (pinned copy)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def apply_repetition_penalty(scores: torch.Tensor, seen: list[list[int]], penalty: float) -> torch.Tensor:
     """HF's RepetitionPenaltyLogitsProcessor: every token already in a sequence (prompt included)
     has its logit divided by `penalty` when positive, multiplied when negative."""
     if penalty == 1.0:
         return scores
     width = max(len(s) for s in seen)
-    index = torch.tensor([s + [s[0]] * (width - len(s)) for s in seen], device=scores.device)
+    index = to_device([s + [s[0]] * (width - len(s)) for s in seen], scores.device)
     picked = scores.gather(1, index)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return scores.scatter(1, index, picked)
@@ -39,7 +47,7 @@ def ban_tokens(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | 
     if not token_ids:
         return scores
     scores = scores.clone()
-    ids = torch.tensor(token_ids, device=scores.device)
+    ids = to_device(token_ids, scores.device)
     if rows is None:
         scores[:, ids] = NEG_INF
     else:

@@ -285,11 +285,21 @@ class Scheduler:
         logits = engine.decode(tables, tokens)
         self.stats.decode_steps += 1
         self._track_peak(running)
-        offset = 0
+        # Requests that split their step do the device part first (no host sync), then one
+        # transfer brings every request's small result to the host for the bookkeeping.
+        rows, offset = [], 0
         for request in running:
-            count = len(request.pending)
-            request.step(engine, logits[offset : offset + count])
-            offset += count
+            rows.append(logits[offset : offset + len(request.pending)])
+            offset += len(request.pending)
+        parts = [request.step_device(r) if hasattr(request, "step_device") else None
+                 for request, r in zip(running, rows)]
+        split = [p for p in parts if p is not None]
+        host = iter(torch.cat(split).cpu().split([p.numel() for p in split]) if split else ())
+        for request, part, r in zip(running, parts, rows):
+            if part is None:
+                request.step(engine, r)
+            else:
+                request.step_host(engine, next(host))
 
     def _track_peak(self, running: list[Request]) -> None:
         engine = self.engine

@@ -13,7 +13,7 @@ import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import apply_repetition_penalty, ban_tokens
+from sharedecode.sampling import apply_repetition_penalty, ban_tokens, to_device
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
@@ -44,29 +44,44 @@ class BeamRequest(Request):
     def start(self, engine: Engine, table, logits: torch.Tensor) -> None:
         k = self.num_beams
         try:
-            self._select(engine, [table] * k, logits.unsqueeze(0).expand(k, -1))
+            top = self.step_device(logits.unsqueeze(0).expand(k, -1)).cpu()
+            self._select(engine, [table] * k, top)
         finally:
             engine.free(table)
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
-        parents = [b.table for b in self.pending]
-        try:
-            self._select(engine, parents, logits)
-        finally:  # pruned beams give their blocks back at once
-            for table in parents:
-                engine.free(table)
+        self.step_host(engine, self.step_device(logits).cpu())
 
-    def _select(self, engine: Engine, parents: list, logits: torch.Tensor) -> None:
-        s, rule, k = self.strategy, self.rule, self.num_beams
-        vocab = logits.shape[-1]
-        log_probs = torch.nn.functional.log_softmax(logits.float().cpu(), dim=-1)
+    def step_device(self, logits: torch.Tensor) -> torch.Tensor:
+        """The part of a step that reads the logits [k, V], on their device and without a host
+        sync: log_softmax, processors, running scores, top-K. Returns [2K] float64: the top-K
+        scores then their flat indices (exact in float64), for one batched transfer."""
+        s, rule = self.strategy, self.rule
+        self.vocab = logits.shape[-1]
+        log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
         if s.repetition_penalty != 1.0:
             log_probs = apply_repetition_penalty(
                 log_probs, [self.prompt + g for g in self.running_generated], s.repetition_penalty)
         if rule.bans_eos(self.num_generated):
             log_probs = ban_tokens(log_probs, rule.eos_token_ids)
-        log_probs = (log_probs + self.running_scores[:, None]).reshape(1, -1)
+        running = to_device(self.running_scores, log_probs.device)
+        log_probs = (log_probs + running[:, None]).reshape(1, -1)
         topk_log_probs, topk_indices = torch.topk(log_probs, k=self.beams_to_keep)
+        return torch.cat((topk_log_probs[0].double(), topk_indices[0].double()))
+
+    def step_host(self, engine: Engine, top: torch.Tensor) -> None:
+        """The rest of the step, on `step_device`'s result moved to the host."""
+        parents = [b.table for b in self.pending]
+        try:
+            self._select(engine, parents, top)
+        finally:  # pruned beams give their blocks back at once
+            for table in parents:
+                engine.free(table)
+
+    def _select(self, engine: Engine, parents: list, top: torch.Tensor) -> None:
+        s, rule, k, vocab = self.strategy, self.rule, self.num_beams, self.vocab
+        topk_log_probs = top[None, : self.beams_to_keep].float()
+        topk_indices = top[None, self.beams_to_keep :].long()
         beam_of = (topk_indices // vocab)[0].tolist()
         token_of = (topk_indices % vocab)[0].tolist()
         candidates = [self.running_generated[b] + [t] for b, t in zip(beam_of, token_of)]

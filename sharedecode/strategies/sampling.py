@@ -32,12 +32,14 @@ class SampleRequest(Request):
         for branch in branches:
             self.generated[id(branch)] = []
             self.logprobs[id(branch)] = 0.0
-        self._choose(engine, logits.unsqueeze(0).expand(count, -1))
+        self.step(engine, logits.unsqueeze(0).expand(count, -1))
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
-        self._choose(engine, logits)
+        self.step_host(engine, self.step_device(logits).cpu())
 
-    def _choose(self, engine: Engine, logits: torch.Tensor) -> None:
+    def step_device(self, logits: torch.Tensor) -> torch.Tensor:
+        """Choose each branch's next token on the logits' device without a host sync; returns [2n]
+        float64: the tokens, then their log-probabilities, for one batched transfer."""
         s, rule = self.strategy, self.rule
         scores = logits.float()
         histories = [self.prompt + self.generated[id(b)] for b in self.pending]
@@ -54,8 +56,16 @@ class SampleRequest(Request):
             noise = torch.empty_like(scores).exponential_(generator=self.generator)
             tokens = (logprobs.exp() / noise).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        return torch.cat((tokens.double(), chosen.double()))
+
+    def step_host(self, engine: Engine, chosen: torch.Tensor) -> None:
+        """Record the chosen tokens; finished branches give their blocks back at once."""
+        rule = self.rule
+        count = len(self.pending)
+        tokens = chosen[:count].long().tolist()
+        logprobs = chosen[count:].float().tolist()
         still_running = []
-        for branch, token, logprob in zip(self.pending, tokens.tolist(), chosen.tolist()):
+        for branch, token, logprob in zip(self.pending, tokens, logprobs):
             key = id(branch)
             self.generated[key].append(token)
             self.logprobs[key] += logprob
