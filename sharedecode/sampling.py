@@ -50,8 +50,8 @@ def ban_tokens(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | 
     ids = to_device(token_ids, scores.device)
     if rows is None:
         scores[:, ids] = NEG_INF
-    else:
-        scores[rows.nonzero(as_tuple=True)[0][:, None], ids] = NEG_INF
+    else:  # a mask instead of row indices: no host sync
+        scores[:, ids] = scores[:, ids].masked_fill(rows[:, None], NEG_INF)
     return scores
 
 

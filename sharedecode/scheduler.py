@@ -291,8 +291,7 @@ class Scheduler:
         for request in running:
             rows.append(logits[offset : offset + len(request.pending)])
             offset += len(request.pending)
-        parts = [request.step_device(r) if hasattr(request, "step_device") else None
-                 for request, r in zip(running, rows)]
+        parts = self._step_device(running, rows)
         split = [p for p in parts if p is not None]
         host = iter(torch.cat(split).cpu().split([p.numel() for p in split]) if split else ())
         for request, part, r in zip(running, parts, rows):
@@ -300,6 +299,28 @@ class Scheduler:
                 request.step(engine, r)
             else:
                 request.step_host(engine, next(host))
+
+    @staticmethod
+    def _step_device(running: list[Request], rows: list[torch.Tensor]) -> list:
+        """Each request's device part of the step (None: it steps whole). Consecutive requests of
+        one strategy that offer `step_device_group` share one pass over their rows."""
+        parts: list = []
+        start = 0
+        while start < len(running):
+            request = running[start]
+            end = start + 1
+            group = getattr(type(request), "step_device_group", None)
+            while group is not None and end < len(running) and type(running[end]) is type(request) \
+                    and running[end].strategy is request.strategy:
+                end += 1
+            if group is not None:
+                parts.extend(group(running[start:end], torch.cat(rows[start:end])))
+            elif hasattr(request, "step_device"):
+                parts.append(request.step_device(rows[start]))
+            else:
+                parts.append(None)
+            start = end
+        return parts
 
     def _track_peak(self, running: list[Request]) -> None:
         engine = self.engine

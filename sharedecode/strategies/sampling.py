@@ -6,7 +6,7 @@ import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling
+from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling, to_device
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import Strategy, check_float, check_int
 
@@ -40,23 +40,37 @@ class SampleRequest(Request):
     def step_device(self, logits: torch.Tensor) -> torch.Tensor:
         """Choose each branch's next token on the logits' device without a host sync; returns [2n]
         float64: the tokens, then their log-probabilities, for one batched transfer."""
-        s, rule = self.strategy, self.rule
+        return self.step_device_group([self], logits)[0]
+
+    @staticmethod
+    def step_device_group(requests: list["SampleRequest"], logits: torch.Tensor) -> list[torch.Tensor]:
+        """`step_device` of several requests of one strategy whose rows are consecutive in
+        `logits`: one pass of each processor over all rows (row-wise, so the same numbers)."""
+        s, rule = requests[0].strategy, requests[0].rule
+        counts = [len(r.pending) for r in requests]
         scores = logits.float()
-        histories = [self.prompt + self.generated[id(b)] for b in self.pending]
-        scores = apply_repetition_penalty(scores, histories, s.params.repetition_penalty)
-        if rule.bans_eos(len(self.generated[id(self.pending[0])])):
-            scores = ban_tokens(scores, rule.eos_token_ids)
+        if s.params.repetition_penalty != 1.0:
+            histories = [r.prompt + r.generated[id(b)] for r in requests for b in r.pending]
+            scores = apply_repetition_penalty(scores, histories, s.params.repetition_penalty)
+        banned = [rule.bans_eos(len(r.generated[id(r.pending[0])])) for r in requests]
+        if any(banned):
+            rows = to_device([flag for flag, n in zip(banned, counts) for _ in range(n)], scores.device)
+            scores = ban_tokens(scores, rule.eos_token_ids, rows) if not all(banned) else \
+                ban_tokens(scores, rule.eos_token_ids)
         if s.params.temperature == 0.0:
             tokens = scores.argmax(dim=-1)
             logprobs = torch.log_softmax(scores, dim=-1)
         else:
             scores = process_for_sampling(scores, s.params)
             logprobs = torch.log_softmax(scores, dim=-1)
-            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
-            noise = torch.empty_like(scores).exponential_(generator=self.generator)
+            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync;
+            # each request draws its rows from its own generator (seeded requests stay reproducible).
+            noise = torch.cat([torch.empty((n, scores.shape[-1]), device=scores.device)
+                               .exponential_(generator=r.generator) for r, n in zip(requests, counts)])
             tokens = (logprobs.exp() / noise).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        return torch.cat((tokens.double(), chosen.double()))
+        pairs = torch.stack((tokens.double(), chosen.double()))  # [2, rows]
+        return [part.reshape(-1) for part in pairs.split(counts, dim=1)]
 
     def step_host(self, engine: Engine, chosen: torch.Tensor) -> None:
         """Record the chosen tokens; finished branches give their blocks back at once."""
