@@ -325,9 +325,9 @@ def make_runner(command: str, engine, kwargs: dict, system_prompt: str | None = 
 
 
 def last_results(runner):
-    # Strategy.stream() leaves its results in `_last_results` when the iteration ends.
+    # Strategy.stream() leaves its results in `last_results` when the iteration ends.
     inner = getattr(runner, "strategy", runner)
-    return inner._last_results
+    return inner.last_results
 
 
 def stream_and_show(runner, label: str, prompts: list[str], stream_input, engine, console, *, live: bool,

@@ -636,3 +636,16 @@ def test_diverse_beam_search_validation():
         BeamSearch(engine, num_beams=4, num_beam_groups=8)
     with pytest.raises(ValueError):
         BeamSearch(engine, num_beams=4, num_beam_groups=2, diversity_penalty=-1.0)
+
+
+def test_a_strategy_tokenizer_does_not_change_the_shared_engine():
+    from sharedecode.embedded import load_embedded_model
+
+    model, tokenizer = load_embedded_model()
+    engine = Engine(model, None, block_size=16, kv_cache_bytes=2**22)
+    greedy = Greedy(engine, tokenizer, max_new_tokens=3)
+    assert engine.tokenizer is None and greedy.tokenizer is tokenizer
+    result = greedy.run("ROMEO:\n")
+    assert greedy.last_results is result and result.sequences[0].text is not None
+    with pytest.raises(ValueError, match="tokenizer"):
+        Greedy(engine, max_new_tokens=3).run("ROMEO:\n")  # no tokenizer of its own

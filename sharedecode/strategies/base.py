@@ -36,9 +36,9 @@ def check_float(name: str, value, low: float, high: float, *, low_open: bool = F
 
 
 def resolve_engine(model_or_engine, tokenizer) -> Engine:
+    """The engine to run on; an existing one is shared as it is (a strategy's own tokenizer
+    stays with the strategy, so other strategies on the same engine are not affected)."""
     if isinstance(model_or_engine, Engine):
-        if tokenizer is not None:
-            model_or_engine.tokenizer = tokenizer
         return model_or_engine
     return Engine(model_or_engine, tokenizer)
 
@@ -83,7 +83,8 @@ class Strategy:
                  min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
                  stop: str | list[str] | None = None, truncate_prompt: bool = False):
         self.engine = resolve_engine(model_or_engine, tokenizer)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else self.engine.tokenizer
+        self.last_results: GenerationResult | list[GenerationResult] | None = None
         generation_config = getattr(self.engine.model, "generation_config", None)
         if max_new_tokens is None:
             max_new_tokens = getattr(generation_config, "max_new_tokens", None) or 20
@@ -190,11 +191,11 @@ class Strategy:
         """Generate for one prompt (a string or token ids) or a batch (a list of them)."""
         for _ in self.stream(prompt):
             pass
-        return self._last_results
+        return self.last_results
 
     def stream(self, prompt) -> Iterator[list]:
         """Run step by step, yielding the requests' current state (`request.snapshot()` each) after
-        every step; `self._last_results` holds the results when the iteration ends."""
+        every step; `self.last_results` holds the results when the iteration ends."""
         prompts, is_batch = self.split_batch(prompt)
         requests = [self.make_request(ids) for ids in prompts]
         stats = GenerationStats()
@@ -207,4 +208,4 @@ class Strategy:
             steps.close()
         results = [GenerationResult(r.prompt, r.results(), stats) for r in requests]
         stats.generated_tokens = sum(len(s.token_ids) for res in results for s in res.sequences)
-        self._last_results = results if is_batch else results[0]
+        self.last_results = results if is_batch else results[0]

@@ -29,16 +29,16 @@ class SharedPromptBatch:
         elif not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
             raise TypeError(f"strategy must be a name or a Strategy class, got {strategy!r}")
         self.engine = resolve_engine(model_or_engine, tokenizer)
-        self.strategy = strategy(self.engine, **params)
+        self.strategy = strategy(self.engine, tokenizer, **params)
         if isinstance(system_prompt, str):
-            if self.engine.tokenizer is None:
+            if self.strategy.tokenizer is None:
                 raise ValueError("a string system_prompt needs a tokenizer")
         elif not isinstance(system_prompt, (list, tuple)):
             raise TypeError("system_prompt must be a string or a list of token ids")
         self.system_prompt = system_prompt
 
     def build_prompt(self, user_prompt: str | list[int]) -> list[int]:
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.strategy.tokenizer
         if isinstance(self.system_prompt, str) and isinstance(user_prompt, str):
             if getattr(tokenizer, "chat_template", None):
                 messages = [{"role": "system", "content": self.system_prompt},
@@ -52,7 +52,7 @@ class SharedPromptBatch:
     def run(self, user_prompts: list) -> list[GenerationResult]:
         for _ in self.stream(user_prompts):
             pass
-        return self.strategy._last_results
+        return self.strategy.last_results
 
     def stream(self, user_prompts: list):
         if not isinstance(user_prompts, (list, tuple)) or not user_prompts:
