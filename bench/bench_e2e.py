@@ -148,22 +148,28 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device)
 
     t_ours, all_ours, result = timed(run_ours, device, repeats)
     stats = (result[0] if isinstance(result, list) else result).stats
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    t_hf, all_hf, _ = timed(run_hf, device, repeats)
-    hf_peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
     new_tokens = hf_kwargs["max_new_tokens"]
     outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
     row = {
-        "workload": name, "sharedecode_s": t_ours, "hf_s": t_hf, "speedup": t_hf / t_ours,
-        "sharedecode_runs_s": all_ours, "hf_runs_s": all_hf,
-        "sharedecode_tok_s": outputs / t_ours, "hf_tok_s": outputs / t_hf,
+        "workload": name, "sharedecode_s": t_ours, "sharedecode_runs_s": all_ours,
+        "sharedecode_tok_s": outputs / t_ours,
         "peak_kv_bytes": stats.peak_kv_bytes, "peak_contiguous_kv_bytes": stats.peak_contiguous_kv_bytes,
         "kv_fraction_of_contiguous": stats.peak_kv_bytes / max(1, stats.peak_contiguous_kv_bytes),
         "prefill_tokens_reused": stats.prefill_tokens_reused, "decode_steps": stats.decode_steps,
-        "hf_peak_extra_bytes": hf_peak,
     }
+    try:  # HF runs second, so that its failure (e.g. out of memory) keeps our measurement
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        t_hf, all_hf, _ = timed(run_hf, device, repeats)
+    except torch.OutOfMemoryError as error:
+        row["hf_error"] = repr(error)[:300]
+        print(f"  {name:28s} ours {t_ours:7.3f}s  hf out of memory", flush=True)
+        return row
+    row.update(hf_s=t_hf, hf_runs_s=all_hf, speedup=t_hf / t_ours, hf_tok_s=outputs / t_hf,
+               hf_peak_extra_bytes=(torch.cuda.max_memory_allocated(device) - base)
+               if device.type == "cuda" else None)
     print(f"  {name:28s} ours {t_ours:7.3f}s  hf {t_hf:7.3f}s  x{t_hf / t_ours:5.2f}  "
           f"kv {row['kv_fraction_of_contiguous']:.3f} of contiguous", flush=True)
     return row
@@ -192,6 +198,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny model")
     parser.add_argument("--time-budget", type=float, default=480.0)
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
+    parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
     args = parser.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
@@ -228,7 +236,7 @@ def main():
         section["kv_blocks"] = engine.allocator.num_blocks
         # Decode step against the floor.
         section["decode"] = []
-        for batch in (1, 8, 64):
+        for batch in (() if args.skip_decode else (1, 8, 64)):
             row = decode_steps(engine, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
             section["decode"].append(row)
             print(f"  {name} decode batch {batch:3d}: {row['step_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms, "
@@ -262,6 +270,8 @@ def main():
                           dict(num_beams=8, do_sample=False, **hf_common)))
         section["workloads"] = []
         for workload in workloads:
+            if args.only and args.only not in workload[0]:
+                continue
             if time.perf_counter() - t0 > args.time_budget:
                 section["skipped_for_time"] = True
                 break
