@@ -200,6 +200,9 @@ def main():
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
+    parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
+    parser.add_argument("--decode-uncompiled", action="store_true",
+                        help="also time the decode step captured without torch.compile (same run)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
@@ -229,7 +232,21 @@ def main():
         section = report.setdefault(name, {})
         model = build_model(name, device, dtype)
         # A fixed KV budget leaves HF generate room on the same card.
-        engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30 if device.type == "cuda" else 2**28)
+        kv_bytes = 16 * 2**30 if device.type == "cuda" else 2**28
+        section["compile"] = not args.no_compile
+        if args.decode_uncompiled and not args.skip_decode:
+            plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=False)
+            section["decode_uncompiled"] = []
+            for batch in (1, 8, 64):
+                row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
+                section["decode_uncompiled"].append(row)
+                print(f"  {name} decode (no compile) batch {batch:3d}: {row['step_ms']:.3f} ms, "
+                      f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
+            del plain
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        # A fixed KV budget leaves HF generate room on the same card.
+        engine = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=not args.no_compile)
         section["weight_bytes"] = weight_bytes(model)
         section["check"] = check_logits(model, engine)
         print(f"  {name} logits vs HF forward: {section['check']}", flush=True)

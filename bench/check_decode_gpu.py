@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import Engine  # noqa: E402
 
 
-def check(model, backend, graphs, batch, dtype, splits=None):
-    engine = Engine(model, backend=backend, kv_cache_bytes=2**30, cuda_graphs=graphs)
+def check(model, backend, graphs, batch, dtype, splits=None, compile=True):
+    engine = Engine(model, backend=backend, kv_cache_bytes=2**30, cuda_graphs=graphs, compile=compile)
     if graphs:
         engine.graphs.num_splits = splits
     gen = torch.Generator().manual_seed(0)
@@ -42,13 +42,16 @@ for dtype in (torch.float32, torch.bfloat16):
     config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048)
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
-    for name, backend, graphs, splits, forced in (
-            ("triton eager", "triton", False, None, None), ("eager forced 32 splits", "triton", False, None, 32),
-            ("eager forced 4 splits", "triton", False, None, 4),
-            ("graphs 1 split", "triton", True, 1, None), ("graphs 4 splits", "triton", True, 4, None),
-            ("graphs auto", "triton", True, None, None)):
+    for name, backend, graphs, splits, forced, compile in (
+            ("triton eager", "triton", False, None, None, False),
+            ("eager forced 32 splits", "triton", False, None, 32, False),
+            ("eager forced 4 splits", "triton", False, None, 4, False),
+            ("graphs 1 split", "triton", True, 1, None, False), ("graphs 4 splits", "triton", True, 4, None, False),
+            ("graphs auto", "triton", True, None, None, False),
+            ("compiled graphs auto", "triton", True, None, None, True),
+            ("compiled graphs 4 splits", "triton", True, 4, None, True)):
         pa.choose_num_splits = (lambda *a, n=forced, **k: n) if forced else choose
         for batch in (1, 8):
-            prefill_err, decode_err = check(model, backend, graphs, batch, dtype, splits)
+            prefill_err, decode_err = check(model, backend, graphs, batch, dtype, splits, compile)
             print(f"{str(dtype):15s} {name:24s} batch={batch}: prefill {prefill_err:.2e} decode {decode_err:.2e}",
                   flush=True)

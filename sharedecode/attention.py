@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -62,21 +62,16 @@ def paged_attention_forward(
     k_cache, v_cache = batch.pool.layer(module.layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if batch.backend == "triton":
-        from sharedecode.kernels.kv_cache_ops import write_kv
-
-        write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, batch.slot_mapping)
-        if batch.prefix_groups is not None and not sliding_window and not softcap:
-            from sharedecode.kernels.shared_prefix import shared_prefix_decode
-
-            out = shared_prefix_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                                       scale=scale, groups=batch.prefix_groups)
+        prefix_groups = None if sliding_window or softcap else batch.prefix_groups
+        if prefix_groups is None and torch.compiler.is_compiling():
+            # Opaque to torch.compile: the fused model code around it is compiled, the kernels run as is.
+            out = torch.ops.sharedecode.paged_attention_step(
+                q, key[0].transpose(0, 1), value[0].transpose(0, 1), batch.pool.tensor, module.layer_idx,
+                batch.slot_mapping, batch.block_tables, batch.context_lens, batch.query_start_loc,
+                float(scale), sliding_window, softcap, batch.max_context_len, batch.num_splits)
         else:
-            from sharedecode.kernels.paged_attention import paged_attention
-
-            out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                                  batch.query_start_loc, scale=scale, sliding_window=sliding_window,
-                                  softcap=softcap, max_context_len=batch.max_context_len,
-                                  num_splits=batch.num_splits)
+            out = _triton_step(q, key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache,
+                               batch, scale, sliding_window, softcap, prefix_groups)
     else:
         from sharedecode.kernels.paged_attention import paged_attention_torch
 
@@ -86,6 +81,48 @@ def paged_attention_forward(
                                     batch.query_start_loc, scale=scale, sliding_window=sliding_window,
                                     softcap=softcap)
     return out.unsqueeze(0), None
+
+
+def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, sliding_window, softcap,
+                 prefix_groups) -> torch.Tensor:
+    """Write the new keys/values into their slots, then attend through the block tables."""
+    from sharedecode.kernels.kv_cache_ops import write_kv
+
+    write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+    if prefix_groups is not None:
+        from sharedecode.kernels.shared_prefix import shared_prefix_decode
+
+        return shared_prefix_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                    scale=scale, groups=prefix_groups)
+    from sharedecode.kernels.paged_attention import paged_attention
+
+    return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                           batch.query_start_loc, scale=scale, sliding_window=sliding_window,
+                           softcap=softcap, max_context_len=batch.max_context_len,
+                           num_splits=batch.num_splits)
+
+
+# Declared without mutated arguments on purpose: the op writes the new tokens' K/V into the pool and
+# only this op reads the pool, so to the compiled graph it is a pure function of its inputs. Declaring
+# the write would make torch.compile functionalize it, at the risk of copying the whole pool.
+@torch.library.custom_op("sharedecode::paged_attention_step", mutates_args=())
+def _paged_attention_step(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_pool: torch.Tensor, layer_idx: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor, scale: float, sliding_window: Optional[int], softcap: Optional[float],
+    max_context_len: Optional[int], num_splits: Optional[int],
+) -> torch.Tensor:
+    batch = PagedBatch(pool=None, backend="triton", slot_mapping=slot_mapping, block_tables=block_tables,
+                       context_lens=context_lens, query_start_loc=query_start_loc,
+                       max_context_len=max_context_len, is_decode=True, num_splits=num_splits)
+    return _triton_step(query, key, value, kv_pool[layer_idx, 0], kv_pool[layer_idx, 1], batch, scale,
+                        sliding_window, softcap, None)
+
+
+@_paged_attention_step.register_fake
+def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, query_start_loc,
+      scale, sliding_window, softcap, max_context_len, num_splits):
+    return query.new_empty(query.shape)
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -8,6 +8,8 @@ replays, and reads the first n rows. Padding rows write nowhere (slot -1) and at
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sharedecode.attention import PagedBatch, paged_attention_enabled
@@ -17,9 +19,13 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, compile: bool = False):
         self.engine = engine
         self.num_splits = num_splits
+        # torch.compile before capture fuses the model's norms, rotary and activations into fewer
+        # kernels (the paged attention stays an opaque custom op); batch sizes after the first
+        # bucket share one dynamic-shape compilation.
+        self.compiled = torch.compile(self._model_step) if compile else None
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_context // engine.block_size)
@@ -50,10 +56,28 @@ class DecodeGraphs:
             num_splits=self.num_splits,
         )
 
-    def _forward(self, size: int) -> torch.Tensor:
-        out = self.engine.model(input_ids=self.input_ids[None, :size], position_ids=self.positions[None, :size],
-                                use_cache=False, sharedecode_batch=self._batch(size))
+    def _model_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        out = self.engine.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                sharedecode_batch=batch)
         return out.logits[0].float()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        step = self.compiled or self._model_step
+        return step(self.input_ids[None, :size], self.positions[None, :size], self._batch(size))
+
+    def _warm_up(self, size: int) -> None:
+        """Run the step off the graph first: compilation, Triton's and cuBLAS's choices happen here."""
+        try:
+            for _ in range(3):
+                self._forward(size)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager capture
+            if self.compiled is None:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {error}); "
+                          "capturing the uncompiled model instead", RuntimeWarning, stacklevel=3)
+            self.compiled = None
+            for _ in range(2):
+                self._forward(size)
 
     def _capture(self, size: int) -> None:
         model = self.engine.model
@@ -61,8 +85,7 @@ class DecodeGraphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) off the graph
-                    self._forward(size)
+                self._warm_up(size)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

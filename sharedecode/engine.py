@@ -76,6 +76,10 @@ class Engine:
         dtype: cast the model (and the cache) to this dtype; default: the model's own.
         device: where to run; default: the model's device (a name loads on CUDA when available).
         max_prefill_tokens: the most prompt tokens computed by one forward (chunked prefill).
+        kv_cache_fraction: the fraction of free GPU memory given to the KV pool by default.
+        cuda_graphs: on CUDA with the triton backend, replay decode steps as CUDA graphs.
+        compile: torch.compile the decode step before capturing it (fewer, fused kernels; the
+            first step of each new batch size then takes a while). Only with cuda_graphs.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Engine:
         max_prefill_tokens: int = 4096,
         kv_cache_fraction: float = DEFAULT_GPU_FRACTION,
         cuda_graphs: bool = True,
+        compile: bool = True,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -100,6 +105,10 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be an int >= 1, got {max_prefill_tokens!r}")
         if not 0.0 < kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         dtype = resolve_dtype(dtype)
@@ -139,7 +148,8 @@ class Engine:
         if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
             from sharedecode.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_context=min(self.shape.max_context or 32768, 32768))
+            self.graphs = DecodeGraphs(self, max_context=min(self.shape.max_context or 32768, 32768),
+                                       compile=compile)
 
     # ---------------------------------------------------------------- setup
     def _default_kv_bytes(self, fraction: float) -> int:
