@@ -201,8 +201,8 @@ def main():
     parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
     parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
-    parser.add_argument("--decode-uncompiled", action="store_true",
-                        help="also time the decode step captured without torch.compile (same run)")
+    parser.add_argument("--decode-variants", action="store_true",
+                        help="also time the decode step captured without torch.compile / fused projections")
     args = parser.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
@@ -231,20 +231,23 @@ def main():
             break
         section = report.setdefault(name, {})
         model = build_model(name, device, dtype)
-        # A fixed KV budget leaves HF generate room on the same card.
         kv_bytes = 16 * 2**30 if device.type == "cuda" else 2**28
         section["compile"] = not args.no_compile
-        if args.decode_uncompiled and not args.skip_decode:
-            plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=False)
-            section["decode_uncompiled"] = []
-            for batch in (1, 8, 64):
-                row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
-                section["decode_uncompiled"].append(row)
-                print(f"  {name} decode (no compile) batch {batch:3d}: {row['step_ms']:.3f} ms, "
-                      f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
-            del plain
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if args.decode_variants and not args.skip_decode:
+            # The same captured step without torch.compile and/or without fused projections, same run.
+            for variant, compile_step, fuse in (("graphs", False, False), ("graphs+compile", True, False)):
+                plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
+                if not fuse and plain.graphs is not None:
+                    plain.graphs.fuser = None
+                rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
+                for batch in (1, 8, 64):
+                    row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
+                    rows.append(row)
+                    print(f"  {name} decode ({variant}) batch {batch:3d}: {row['step_ms']:.3f} ms, "
+                          f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
+                del plain
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         # A fixed KV budget leaves HF generate room on the same card.
         engine = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=not args.no_compile)
         section["weight_bytes"] = weight_bytes(model)

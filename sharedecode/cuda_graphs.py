@@ -8,24 +8,27 @@ replays, and reads the first n rows. Padding rows write nowhere (slot -1) and at
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from sharedecode.attention import PagedBatch, paged_attention_enabled
+from sharedecode.fused_projections import ProjectionFuser
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
-                 num_splits: int | None = None, compile: bool = False):
+                 num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True):
         self.engine = engine
         self.num_splits = num_splits
         # torch.compile before capture fuses the model's norms, rotary and activations into fewer
         # kernels (the paged attention stays an opaque custom op); batch sizes after the first
         # bucket share one dynamic-shape compilation.
         self.compiled = torch.compile(self._model_step) if compile else None
+        self.fuser = ProjectionFuser(engine.model) if fuse_projections else None
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_context // engine.block_size)
@@ -81,7 +84,8 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> None:
         model = self.engine.model
-        with torch.inference_mode(), paged_attention_enabled(model):
+        fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
+        with torch.inference_mode(), paged_attention_enabled(model), fused:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

@@ -4,6 +4,8 @@ On CUDA the engine compiles the step before capturing it as a graph; here the sa
 through the Triton interpreter with the "aot_eager" compiler backend (tracing, fake tensors and
 functionalisation as with inductor, without generating code), against the uncompiled step.
 """
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -22,11 +24,11 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("num_splits", [None, 2])
-def test_compiled_decode_step_matches_eager(num_splits):
+@pytest.mark.parametrize("num_splits,fuse", [(None, True), (2, True), (None, False)])
+def test_compiled_decode_step_matches_eager(num_splits, fuse):
     torch._dynamo.reset()
     engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=64, num_splits=num_splits)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=64, num_splits=num_splits, fuse_projections=fuse)
     traced = []
 
     def recording_backend(graph_module, example_inputs):
@@ -58,7 +60,8 @@ def test_compiled_decode_step_matches_eager(num_splits):
                 with paged_attention_enabled(engine.model):
                     eager = graphs._model_step(graphs.input_ids[None, :n], graphs.positions[None, :n],
                                                graphs._batch(n)).clone()
-                    compiled = graphs._forward(n)
+                    with graphs.fuser.active() if fuse else contextlib.nullcontext():
+                        compiled = graphs._forward(n)
             assert torch.isfinite(compiled).all()
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
             for table in tables:
@@ -69,3 +72,6 @@ def test_compiled_decode_step_matches_eager(num_splits):
     # One graph for the whole step (no graph break), with one opaque attention call per layer.
     assert len(traced) == 1
     assert traced[0].count("sharedecode.paged_attention_step") == engine.shape.num_layers
+    # 7 projections per layer + the LM head; fused: q/k/v and gate/up are one GEMM each
+    per_layer = 4 if fuse else 7
+    assert traced[0].count("linear(") == engine.shape.num_layers * per_layer + 1
