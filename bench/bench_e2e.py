@@ -133,8 +133,27 @@ def check_logits(model, engine: Engine) -> dict:
     return {"prefill_rel_err": errors[0], "decode_rel_err_max": max(errors[1:])}
 
 
-def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device):
-    """Time sharedecode and HF generate on the same prompts."""
+def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
+    """HF continuous batching (`generate_batch`, its own paged cache), greedy, as a second baseline."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              eos_token_id=model.config.vocab_size - 1)  # an id the prompts never hold
+
+    def run():
+        return model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+
+    try:
+        t, runs, out = timed(run, device, repeats)
+    except Exception as error:  # noqa: BLE001 - recorded, the other baselines go on
+        return {"hf_batch_error": repr(error)[:300]}
+    generated = sum(len(o.generated_tokens) for o in out.values())
+    return {"hf_batch_s": t, "hf_batch_runs_s": runs, "hf_batch_tokens": generated,
+            "hf_batch_tok_s": generated / t}
+
+
+def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False):
+    """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
     def run_ours():
@@ -172,6 +191,14 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device)
                if device.type == "cuda" else None)
     print(f"  {name:28s} ours {t_ours:7.3f}s  hf {t_hf:7.3f}s  x{t_hf / t_ours:5.2f}  "
           f"kv {row['kv_fraction_of_contiguous']:.3f} of contiguous", flush=True)
+    if hf_batch:
+        row.update(run_hf_generate_batch(model, prompts, new_tokens, repeats, device))
+        if "hf_batch_s" in row:
+            row["speedup_vs_hf_batch"] = row["hf_batch_s"] / t_ours
+            print(f"  {name:28s} hf generate_batch {row['hf_batch_s']:7.3f}s "
+                  f"({row['hf_batch_tokens']} tokens)  x{row['speedup_vs_hf_batch']:5.2f}", flush=True)
+        else:
+            print(f"  {name:28s} hf generate_batch failed: {row['hf_batch_error']}", flush=True)
     return row
 
 
@@ -200,6 +227,8 @@ def main():
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
+    parser.add_argument("--hf-control", action="store_true",
+                        help="time HF W-beam k=8 on the model before any engine touches it")
     parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
@@ -232,6 +261,17 @@ def main():
         section = report.setdefault(name, {})
         model = build_model(name, device, dtype)
         kv_bytes = 16 * 2**30 if device.type == "cuda" else 2**28
+        if args.hf_control:
+            # HF generate's W-beam k=8 on the untouched model, before any engine exists: shows whether
+            # anything we do to the model (attention switch, fused weight views, compile) slows HF.
+            gen = torch.Generator().manual_seed(0)
+            control = torch.randint(3, HI, (1, prompt_len), generator=gen).to(device)
+            t_control, runs, _ = timed(lambda: model.generate(control, num_beams=8, do_sample=False,
+                                                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                              pad_token_id=0), device, args.repeats)
+            section["hf_control_beam8_before_engine_s"] = t_control
+            section["hf_control_beam8_before_engine_runs_s"] = runs
+            print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         if args.decode_variants and not args.skip_decode:
             # The same captured step without torch.compile and/or without fused projections, same run.
@@ -297,7 +337,8 @@ def main():
                 break
             try:
                 section["workloads"].append(run_workload(*workload[:1], model, engine, workload[1], workload[2],
-                                                         workload[3], args.repeats, device))
+                                                         workload[3], args.repeats, device,
+                                                         hf_batch=workload[0].startswith("W-shared")))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
                 print(f"  {workload[0]} failed: {error!r}", flush=True)
