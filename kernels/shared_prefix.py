@@ -9,12 +9,13 @@ log-sum-exp, like FlashInfer's cascade / Hydragen:
     out = shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens,
                                scale=scale, groups=groups)                 # every layer
 
-The prefix kernel stacks the queries of (up to ``members_per_chunk``, default 32) group members times their
-GQA heads into the rows of one ``tl.dot`` and streams the prefix blocks once per KV head and chunk,
-so a prefix shared by 64 beams is read 64 / members_per_chunk times fewer than plain paged decode.
-Each sequence's own keys go through the paged kernel (paged_attention.py) starting at its prefix
-length, and a small kernel merges the partial results. Computes the same function as
-``paged_attention`` on decode batches.
+One launch does both parts (a cascade, with split-KV on both): its first programs each take a
+row tile (default 64 rows = group members x the GQA heads of one KV head; chunks of up to 64
+members) against one split of the group's shared prefix, so the prefix is read from memory once
+per KV head, not once per sequence, and the splits fill the GPU; its other programs attend each
+sequence to its own keys (from its prefix length on; sequences in no group: all keys). A second
+small kernel merges the fp32 partials. No host sync and no fill: CUDA-graph safe for fixed groups.
+Computes the same function as ``paged_attention`` on decode batches.
 """
 from __future__ import annotations
 
@@ -23,16 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from .paged_attention import (
-    HAS_TRITON, _KERNEL_DTYPES, _alloc_partials, _check_cache_strides, _check_common, _check_out,
-    _check_triton, _dot_f32, _launch_merge, _launch_paged, _next_pow2, _num_sms,
-    choose_num_splits,
+    HAS_TRITON, _KERNEL_DTYPES, _check_cache_strides, _check_common, _check_out, _check_triton,
+    _dot_f32, _next_pow2, _num_sms, choose_num_splits,
 )
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    from .paged_attention import _attend_tiles
 
 __all__ = ["PrefixGroups", "find_prefix_groups", "shared_prefix_decode",
            "shared_prefix_decode_torch"]
@@ -43,8 +41,8 @@ class PrefixGroups:
     """Groups of decode sequences sharing leading blocks; compute once per step, reuse per layer.
 
     Device tensors (int32): ``members`` [M] sequence ids, grouped; ``chunk_start`` [C] offset into
-    ``members`` of each chunk (a chunk = up to members_per_chunk members of one group, one program
-    row-block); ``chunk_count`` [C]; ``chunk_prefix_len`` [C] shared tokens of the chunk's group;
+    ``members`` of each chunk (a chunk = up to members_per_chunk members of one group; the kernel
+    cuts its rows into row tiles); ``chunk_count`` [C]; ``chunk_prefix_len`` [C] shared tokens of the chunk's group;
     ``seq_prefix_len`` [S] shared tokens of each sequence (0 if in no group).
     Python: ``groups`` list of (member ids, shared blocks); ``members_per_chunk``;
     ``max_prefix_len`` and ``max_suffix_len`` (tokens) for choosing split counts.
@@ -64,8 +62,12 @@ class PrefixGroups:
     def num_chunks(self) -> int:
         return int(self.chunk_start.shape[0])
 
+    @property
+    def max_chunk_members(self) -> int:
+        return max([0] + [min(self.members_per_chunk, len(m)) for m, _ in self.groups])
 
-def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, members_per_chunk=32):
+
+def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, members_per_chunk=64):
     """Group sequences whose leading block ids are identical (host-side, one sync).
 
     block_tables [S, max_blocks] int32; context_lens [S] int32 (tokens incl. the current one).
@@ -129,65 +131,224 @@ def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, memb
 if HAS_TRITON:
 
     @triton.jit
-    def _prefix_kernel(
-        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
-        qk_scale, softcap, window,
-        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_bt, stride_pt, stride_ph, stride_ps,
-        G: tl.constexpr, G_PAD: tl.constexpr, MPC: tl.constexpr, BLOCK_M: tl.constexpr,
-        D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    ):
-        c = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        cstart = tl.load(CSTART + c)
-        count = tl.load(CCOUNT + c)
-        plen = tl.load(CPLEN + c)
-
-        offs_m = tl.arange(0, BLOCK_M)
+    def _attend(acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
+                stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+                D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                DOT_F32: tl.constexpr):
+        """Online softmax (log2 domain) of q's rows over key tiles [tile_lo, tile_hi), keeping
+        keys kv_lo <= pos < kv_hi. K is loaded [N, D] like V, so both are 16-byte loads along D
+        (the [D, N] pointer layout compiled to 2-byte loads on sm_90), and transposed in the dot.
+        Rows of q that are padding are not masked: they are never stored."""
+        offs_n = tl.arange(0, TILE_N)
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < D
-        i = offs_m // G_PAD
-        h = offs_m % G_PAD
-        row_valid = (offs_m < MPC * G_PAD) & (h < G) & (i < count)
-        seq = tl.load(MEMBERS + cstart + i, mask=row_valid, other=0).to(tl.int64)
-        head = kvh * G + h
-        ctx = tl.load(CTX + seq, mask=row_valid, other=1)
-        qpos = ctx - 1
-        q = tl.load(Q + seq[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        for t in range(tile_lo, tile_hi):
+            kpos = t * TILE_N + offs_n
+            kmask = (kpos >= kv_lo) & (kpos < kv_hi)
+            blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+            off = (kpos % BS).to(tl.int64)
+            ld_mask = kmask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + (blk * stride_kb + off * stride_kt)[:, None] + offs_d[None, :],
+                        mask=ld_mask, other=0.0)                                 # [N, D]
+            v = tl.load(v_base + (blk * stride_vb + off * stride_vt)[:, None] + offs_d[None, :],
+                        mask=ld_mask, other=0.0)                                 # [N, D]
+            if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)                     # [M, N] fp32
+            if HAS_SOFTCAP:
+                x = s * (qk_scale / softcap)
+                # tanh(x) = 1 - 2 / (exp(2x) + 1), in log2 form; saturates cleanly at +-1
+                s = softcap * (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)) * 1.4426950408889634
+            else:
+                s = s * (qk_scale * 1.4426950408889634)
+            mask = kmask[None, :]
+            if HAS_WINDOW:
+                mask = mask & (kpos[None, :] > qpos[:, None] - window)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        return acc, m_i, l_i
 
-        kv_lo = 0
-        if HAS_WINDOW:
-            kv_lo = tl.maximum(0, tl.min(tl.where(row_valid, qpos, 2147483647), 0) - window + 1)
+    @triton.jit
+    def _split_range(kv_lo, kv_hi, split, TILE_N: tl.constexpr, SPLITS: tl.constexpr):
+        """Key tiles [lo, hi) of split ``split`` when [kv_lo, kv_hi) is cut into SPLITS pieces."""
         tile_lo = kv_lo // TILE_N
-        tile_hi = (plen + TILE_N - 1) // TILE_N
-        per = (tile_hi - tile_lo + NUM_SPLITS - 1) // NUM_SPLITS
-        t0 = tile_lo + split * per
-        tile_hi = tl.minimum(t0 + per, tile_hi)
-        tile_lo = t0
+        tile_hi = (kv_hi + TILE_N - 1) // TILE_N
+        per = (tile_hi - tile_lo + SPLITS - 1) // SPLITS
+        lo = tile_lo + split * per
+        return lo, tl.minimum(lo + per, tile_hi)
 
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        leader = tl.load(MEMBERS + cstart).to(tl.int64)
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt,
-            tile_lo, tile_hi, kv_lo, plen, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt,
-            stride_vb, stride_vt, qk_scale, softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW,
-            False, PREC, DOT_F32)
-
+    @triton.jit
+    def _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid,
+                       D: tl.constexpr, D_PAD: tl.constexpr):
+        """Normalised partial output (fp32) and its base-2 log-sum-exp (-inf when empty)."""
+        offs_d = tl.arange(0, D_PAD)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        pbase = seq * stride_pt + head * stride_ph + split * stride_ps
         tl.store(PACC + pbase[:, None] + offs_d[None, :], acc / l_safe[:, None],
-                 mask=row_valid[:, None] & d_mask[None, :])
+                 mask=row_valid[:, None] & (offs_d[None, :] < D))
         tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
+
+    @triton.jit
+    def _prefix_part(w, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
+                     qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                     stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
+                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     TILE_N: tl.constexpr, ROW_TILES: tl.constexpr, SPLITS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+        """Work item w = ((chunk * HKV + kv head) * SPLITS + split) * ROW_TILES + row tile: the
+        rows (member x GQA head) of one row tile against one split of the chunk's shared prefix.
+        Row tiles of one (chunk, head, split) are adjacent so they run together and share the
+        prefix tiles through L2."""
+        r = w % ROW_TILES
+        w = w // ROW_TILES
+        split = w % SPLITS
+        w = w // SPLITS
+        kvh = w % HKV
+        c = w // HKV
+        cstart = tl.load(CSTART + c)
+        count = tl.load(CCOUNT + c)
+        plen = tl.load(CPLEN + c)
+        MEMBERS_PER_TILE: tl.constexpr = BLOCK_M // G_PAD
+        if r * MEMBERS_PER_TILE < count:
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, D_PAD)
+            i = r * MEMBERS_PER_TILE + offs_m // G_PAD
+            h = offs_m % G_PAD
+            row_valid = (h < G) & (i < count)
+            seq = tl.load(MEMBERS + cstart + i, mask=row_valid, other=0).to(tl.int64)
+            head = kvh * G + h
+            qpos = tl.load(CTX + seq, mask=row_valid, other=1) - 1
+            q = tl.load(Q + seq[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+            kv_lo = 0
+            if HAS_WINDOW:  # keys before every row's window are skipped; the rest masked per row
+                kv_lo = tl.maximum(0, tl.min(tl.where(row_valid, qpos, 2147483647), 0) - window + 1)
+            tile_lo, tile_hi = _split_range(kv_lo, plen, split, TILE_N, SPLITS)
+            leader = tl.load(MEMBERS + cstart).to(tl.int64)
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt,
+                tile_lo, tile_hi, kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt,
+                qk_scale, softcap, window, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC,
+                DOT_F32)
+            pbase = seq * stride_pt + head * stride_ph + split * D_PAD
+            _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
+
+    @triton.jit
+    def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
+                     qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                     stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
+                     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     TILE_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_OFFSET: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+        """Work item w = (seq * HKV + kv head) * SPLITS + split: the GQA heads of one sequence
+        against one split of its own keys (from its shared-prefix length to its end)."""
+        split = w % SPLITS
+        w = w // SPLITS
+        kvh = w % HKV
+        seq = (w // HKV).to(tl.int64)
+        ctx = tl.load(CTX + seq)
+        kv_lo = tl.load(SEQ_PLEN + seq)
+        if HAS_WINDOW:
+            kv_lo = tl.maximum(kv_lo, ctx - window)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        row_valid = offs_m < G
+        head = kvh * G + offs_m
+        q = tl.load(Q + seq * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        qpos = tl.zeros([BLOCK_M], dtype=tl.int32) + ctx - 1
+        tile_lo, tile_hi = _split_range(kv_lo, ctx, split, TILE_N, SPLITS)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        acc, m_i, l_i = _attend(
+            acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt,
+            tile_lo, tile_hi, kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt,
+            qk_scale, softcap, window, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC,
+            DOT_F32)
+        pbase = seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD
+        _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
+
+    @triton.jit
+    def _cascade_kernel(
+        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE,
+        num_prefix_programs, qk_scale, softcap, window,
+        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_bt, stride_pt, stride_ph,
+        HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        D_PAD: tl.constexpr, BS: tl.constexpr,
+        PREFIX_M: tl.constexpr, PREFIX_TILE: tl.constexpr, ROW_TILES: tl.constexpr,
+        PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
+        SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
+        ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
+        (long, so they start first), the rest to each sequence's own keys. ROLE 1 / 2: prefix /
+        own keys only (two launches, each compiled with its own registers and warps)."""
+        pid = tl.program_id(0)
+        if ROLE == 0:
+            is_prefix = pid < num_prefix_programs
+        else:
+            is_prefix = ROLE == 1
+        if is_prefix:
+            _prefix_part(pid, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
+                         qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                         stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
+                         stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
+                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
+        else:
+            _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
+                         qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                         stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
+                         stride_ph, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M, SUFFIX_TILE,
+                         SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
+
+    @triton.jit
+    def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
+                              stride_oh, HQ: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
+                              PREFIX_SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """out[seq, head] = log-sum-exp-weighted mean of its partials. The prefix slots of a
+        sequence in no group were never written (torch.empty): they are not read at all."""
+        pid = tl.program_id(0)
+        seq = (pid // HQ).to(tl.int64)
+        head = pid % HQ
+        offs_s = tl.arange(0, NS_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        first = tl.where(tl.load(SEQ_PLEN + seq) > 0, 0, PREFIX_SPLITS)
+        slot = (offs_s >= first) & (offs_s < NS)
+        base = seq * stride_pt + head * stride_ph
+        lse = tl.load(PLSE + base // D_PAD + offs_s, mask=slot, other=float("-inf"))
+        mx = tl.max(lse, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp2(lse - mx)
+        live = slot & (lse > float("-inf"))  # empty splits hold acc = 0, but skip them anyway
+        acc = tl.load(PACC + base + offs_s[:, None] * D_PAD + offs_d[None, :],
+                      mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
+        den = tl.sum(w, 0)
+        den = tl.where(den == 0.0, 1.0, den)
+        o = tl.sum(acc * w[:, None], 0) / den
+        tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
+                 mask=offs_d < D)
 
 
 def _check_groups(groups, s, device):
@@ -207,15 +368,113 @@ def _check_decode(query, block_tables):
                          f"S = {block_tables.shape[0]}, got {tuple(query.shape)}")
 
 
+_CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
+                "suffix_warps"}
+
+
+def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
+                   dtype: torch.dtype, device: torch.device, prefix_splits, suffix_splits,
+                   cfg: dict | None) -> dict:
+    """Tile sizes and split counts of one cascade launch; ``cfg`` overrides the defaults, for
+    benchmarks: prefix_m (rows per prefix program), prefix_tile / suffix_tile (keys per tile),
+    num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
+    suffix_warps warps)."""
+    cfg = dict(cfg or {})
+    if set(cfg) - _CONFIG_KEYS:
+        raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
+    wide = d_pad > 128 or dtype == torch.float32  # bigger K/V tiles: fewer keys per tile
+    rows = groups.max_chunk_members * g_pad        # one chunk's query rows for one KV head
+    # 64 rows x 32-key tiles: few enough registers for 3 programs per SM, so own-key programs
+    # run beside the (compute-heavy) prefix programs; measured best on the H100 (NOTES-kernels)
+    prefix_m = cfg.get("prefix_m") or max(16, g_pad, min(_next_pow2(rows), 64))
+    if prefix_m < max(16, g_pad) or prefix_m & (prefix_m - 1):
+        raise ValueError(f"_config prefix_m must be a power of two >= {max(16, g_pad)}, got {prefix_m}")
+    c = {"prefix_m": prefix_m, "row_tiles": -(-rows // prefix_m),
+         "prefix_tile": cfg.get("prefix_tile") or 32,
+         "suffix_m": max(16, g_pad), "suffix_tile": cfg.get("suffix_tile") or (32 if wide else 64),
+         "num_warps": cfg.get("num_warps") or (8 if prefix_m >= 128 else 4),
+         "num_stages": cfg.get("num_stages"), "separate": bool(cfg.get("separate", False)),
+         "suffix_warps": cfg.get("suffix_warps") or 4}
+    if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
+        base = groups.num_chunks * c["row_tiles"] * hkv
+        prefix_splits = max(1, min(-(-2 * _num_sms(device) // base),
+                                   -(-groups.max_prefix_len // 256), 64))
+        tiles = -(-groups.max_prefix_len // c["prefix_tile"])
+        prefix_splits = -(-tiles // -(-tiles // prefix_splits))  # no split left empty
+    if suffix_splits is None:
+        suffix_splits = choose_num_splits(s, hkv, device, groups.max_suffix_len)
+    for name, val in (("prefix_splits", prefix_splits), ("suffix_splits", suffix_splits)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    c["prefix_splits"], c["suffix_splits"] = prefix_splits, suffix_splits
+    return c
+
+
+def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device):
+    """fp32 partials acc [S, Hq, NS, D_PAD] and base-2 lse [S, Hq, NS]. No fill: every slot the
+    merge reads is written (the prefix slots of sequences in no group are never read)."""
+    pacc = torch.empty((s, hq, ns, d_pad), dtype=torch.float32, device=device)
+    plse = torch.empty((s, hq, ns), dtype=torch.float32, device=device)
+    return pacc, plse
+
+
+def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups, out, scale,
+                    sliding_window, softcap, c: dict) -> None:
+    """Prefix + own-key partials in one kernel (or two with c["separate"]), then the merge."""
+    s, hq, d = query.shape
+    _, bs, hkv, _ = k_cache.shape
+    g = hq // hkv
+    d_pad = max(16, _next_pow2(d))
+    ns = c["prefix_splits"] + c["suffix_splits"]
+    pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device)
+    n_prefix = groups.num_chunks * hkv * c["prefix_splits"] * c["row_tiles"]
+    n_suffix = s * hkv * c["suffix_splits"]
+    args = (query, k_cache, v_cache, block_tables, context_lens, groups.members,
+            groups.chunk_start, groups.chunk_count, groups.chunk_prefix_len, groups.seq_prefix_len,
+            pacc, plse)
+    scalars = (float(scale), float(softcap or 1.0), int(sliding_window or 0),
+               query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+               k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+               block_tables.stride(0), pacc.stride(0), pacc.stride(1))
+    meta = dict(
+        HKV=hkv, G=g, G_PAD=_next_pow2(g), D=d, D_PAD=d_pad, BS=bs,
+        PREFIX_M=c["prefix_m"], PREFIX_TILE=c["prefix_tile"], ROW_TILES=c["row_tiles"],
+        PREFIX_SPLITS=c["prefix_splits"], SUFFIX_M=c["suffix_m"], SUFFIX_TILE=c["suffix_tile"],
+        SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
+        HAS_WINDOW=sliding_window is not None,
+        PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype))
+    if c["num_stages"] is not None:
+        meta["num_stages"] = c["num_stages"]
+    if c["separate"]:
+        _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,
+                                     num_warps=c["num_warps"], **meta)
+        _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2,
+                                     num_warps=c["suffix_warps"], **meta)
+    else:
+        _cascade_kernel[(n_prefix + n_suffix,)](*args, n_prefix, *scalars, ROLE=0,
+                                                num_warps=c["num_warps"], **meta)
+    _cascade_merge_kernel[(s * hq,)](
+        pacc, plse, groups.seq_prefix_len, out, pacc.stride(0), pacc.stride(1), out.stride(0),
+        out.stride(1), HQ=hq, NS=ns, NS_PAD=max(2, _next_pow2(ns)),
+        PREFIX_SPLITS=c["prefix_splits"], D=d, D_PAD=d_pad, num_warps=2)
+
+
 def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *, scale,
                          groups=None, sliding_window=None, softcap=None, out=None,
-                         prefix_splits=None, suffix_splits=None, max_context_len=None):
+                         prefix_splits=None, suffix_splits=None, max_context_len=None,
+                         _config=None):
     """Decode attention (one query per sequence) reading each group's shared prefix once.
 
     query [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [S, max_blocks] int32; context_lens [S] int32 (incl. the current token, already in the
     cache); groups from find_prefix_groups (computed here, with a host sync, if None).
     Returns out [S, Hq, D], the same as paged_attention on a decode batch.
+
+    Two launches, no host sync, no fill (CUDA-graph safe for fixed groups): one kernel whose
+    first programs attend the rows (members x GQA heads, up to 128 per program) of each group's
+    chunk to one split of the shared prefix, and whose other programs attend each sequence to
+    its own keys; then a merge by log-sum-exp. ``prefix_splits`` / ``suffix_splits`` override
+    the split counts, ``_config`` the tile sizes (benchmarks).
     """
     _check_common(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
                   softcap, _KERNEL_DTYPES)
@@ -230,44 +489,18 @@ def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *,
     if groups is None:
         groups = find_prefix_groups(block_tables, context_lens, bs)
     _check_groups(groups, s, query.device)
-    qsl = torch.arange(s + 1, dtype=torch.int32, device=query.device)
-    if suffix_splits is None:
-        suffix_splits = choose_num_splits(s, hkv, query.device,
-                                          groups.max_suffix_len if groups.num_chunks else max_context_len)
     if groups.num_chunks == 0:
         from .paged_attention import paged_attention
+        qsl = torch.arange(s + 1, dtype=torch.int32, device=query.device)
+        if suffix_splits is None:
+            suffix_splits = choose_num_splits(s, hkv, query.device, max_context_len)
         return paged_attention(query, k_cache, v_cache, block_tables, context_lens, qsl,
                                scale=scale, sliding_window=sliding_window, softcap=softcap,
                                out=out, num_splits=suffix_splits)
-    g = hq // hkv
-    g_pad = _next_pow2(g)
-    d_pad = max(16, _next_pow2(d))
-    mpc = groups.members_per_chunk
-    block_m = max(16, _next_pow2(mpc * g_pad))
-    if prefix_splits is None:
-        programs = groups.num_chunks * hkv
-        prefix_splits = max(1, min(-(-2 * _num_sms(query.device) // programs),
-                                   -(-groups.max_prefix_len // 256), 64))
-    ns = prefix_splits + suffix_splits
-    pacc, plse = _alloc_partials(s, hq, ns, d_pad, query.device)
-    plse[:, :, :prefix_splits].fill_(float("-inf"))   # sequences in no group have no prefix part
-    tile_n = 32 if d_pad >= 256 or block_m >= 128 else 64
-    _prefix_kernel[(groups.num_chunks, hkv, prefix_splits)](
-        query, k_cache, v_cache, block_tables, context_lens, groups.members, groups.chunk_start,
-        groups.chunk_count, groups.chunk_prefix_len, pacc, plse,
-        float(scale), float(softcap or 1.0), int(sliding_window or 0),
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        pacc.stride(0), pacc.stride(1), pacc.stride(2),
-        G=g, G_PAD=g_pad, MPC=mpc, BLOCK_M=block_m, D=d, D_PAD=d_pad, BS=bs, TILE_N=tile_n,
-        NUM_SPLITS=prefix_splits, HAS_SOFTCAP=softcap is not None,
-        HAS_WINDOW=sliding_window is not None,
-        PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
-        num_warps=4 if block_m <= 64 else 8)
-    _launch_paged(query, k_cache, v_cache, block_tables, context_lens, qsl, out, scale,
-                  sliding_window, softcap, suffix_splits, kv_start=groups.seq_prefix_len,
-                  pacc=pacc, plse=plse, split_offset=prefix_splits)
-    _launch_merge(pacc, plse, out, ns, d, d_pad)
+    c = _launch_config(groups, s, hkv, _next_pow2(hq // hkv), max(16, _next_pow2(d)),
+                       query.dtype, query.device, prefix_splits, suffix_splits, _config)
+    _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups, out, scale,
+                    sliding_window, softcap, c)
     return out
 
 

@@ -7,26 +7,34 @@ from sharedecode.kernels.shared_prefix import (PrefixGroups, find_prefix_groups,
                                                shared_prefix_decode, shared_prefix_decode_torch)
 
 
-def make_tree(device, dtype, *, bs, hq, hkv, d, prefix_blocks=(4, 3), own=(2, 3, 1),
-              loners=2):
-    """Groups of sequences sharing scattered prefix blocks, plus sequences in no group.
-    Returns query [S, Hq, D], caches, block tables (-1 padded), context lens, expected groups."""
+def make_tree(device, dtype, *, bs, hq, hkv, d, prefix_blocks=(4, 3), group_sizes=None,
+              loners=2, max_own=3):
+    """Groups of sequences sharing scattered (non-contiguous, randomly placed) prefix blocks, of
+    the given sizes (default 3 each), each member with 1..max_own own blocks and a random fill of
+    its last block; plus ``loners`` sequences in no group. Slots no sequence owns are NaN.
+    Returns (query [S, Hq, D], caches, block tables (-1 padded), context lens), expected groups."""
+    group_sizes = group_sizes or (3,) * len(prefix_blocks)
     specs = []  # (block list, context_len)
     nblocks = 1000
     perm = iter(torch.randperm(nblocks).tolist())
     expected = []
-    for pb in prefix_blocks:
+    for pb, size in zip(prefix_blocks, group_sizes):
         prefix = [next(perm) for _ in range(pb)]
         members = []
-        for j in range(len(own)):
-            blocks = prefix + [next(perm) for _ in range(own[j])]
-            ctx = (pb + own[j] - 1) * bs + 1 + torch.randint(0, bs, ()).item()
+        for _ in range(size):
+            own = torch.randint(1, max_own + 1, ()).item()
+            blocks = prefix + [next(perm) for _ in range(own)]
+            ctx = (pb + own - 1) * bs + 1 + torch.randint(0, bs, ()).item()
             members.append(len(specs))
             specs.append((blocks, ctx))
         expected.append((tuple(members), pb))
     for _ in range(loners):
         blocks = [next(perm) for _ in range(3)]
-        specs.append((blocks, 2 * bs + 5))
+        specs.append((blocks, 2 * bs + torch.randint(1, bs + 1, ()).item()))
+    order = torch.randperm(len(specs)).tolist()  # group members are not adjacent in the batch
+    specs = [specs[i] for i in order]
+    where = {old: new for new, old in enumerate(order)}
+    expected = [(tuple(sorted(where[m] for m in mem)), pb) for mem, pb in expected]
     max_b = max(len(b) for b, _ in specs) + 1
     bt = torch.full((len(specs), max_b), -1, dtype=torch.int32)
     k = torch.full((nblocks, bs, hkv, d), float("nan"))
@@ -44,6 +52,16 @@ def make_tree(device, dtype, *, bs, hq, hkv, d, prefix_blocks=(4, 3), own=(2, 3,
             ctx.to(device)), expected
 
 
+def _reference(q, k, v, bt, ctx, scale, **kw):
+    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return naive_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), ctx.cpu(), qsl, scale=scale, **kw)
+
+
+def _loners(expected, s):
+    grouped = {i for mem, _ in expected for i in mem}
+    return [i for i in range(s) if i not in grouped]
+
+
 def test_find_prefix_groups(device):
     (q, k, v, bt, ctx), expected = make_tree(device, torch.float32, bs=8, hq=4, hkv=1, d=16)
     g = find_prefix_groups(bt, ctx, 8)
@@ -52,41 +70,51 @@ def test_find_prefix_groups(device):
     plen = g.seq_prefix_len.tolist()
     for members, nb in expected:
         assert all(plen[i] == nb * 8 for i in members)
-    assert plen[-1] == 0 and plen[-2] == 0
-    assert g.num_chunks == 2  # default members_per_chunk=32: one chunk per group here
+    loners = _loners(expected, q.shape[0])
+    assert len(loners) == 2 and all(plen[i] == 0 for i in loners)
+    assert g.num_chunks == 2 and g.max_chunk_members == 3  # default: one chunk per group here
     g2 = find_prefix_groups(bt, ctx, 8, members_per_chunk=2)
     assert g2.num_chunks == 4 and g2.chunk_count.tolist() == [2, 1, 2, 1]
+    assert g2.max_chunk_members == 2
     # capped at the shortest member's full blocks
     ctx2 = ctx.clone()
-    ctx2[0] = 2 * 8 + 3
+    ctx2[expected[0][0][1]] = 2 * 8 + 3
     g3 = find_prefix_groups(bt, ctx2, 8)
     assert dict((m, n) for m, n in g3.groups)[expected[0][0]] == 2
     # no group when nothing is shared
-    g4 = find_prefix_groups(bt[-2:], ctx[-2:], 8)
+    lone = torch.tensor(loners, device=device)
+    g4 = find_prefix_groups(bt[lone], ctx[lone], 8)
     assert g4.num_chunks == 0 and g4.groups == []
     with pytest.raises(ValueError, match="min_group"):
         find_prefix_groups(bt, ctx, 8, min_group=1)
+    with pytest.raises(ValueError, match="members_per_chunk"):
+        find_prefix_groups(bt, ctx, 8, members_per_chunk=0)
 
 
-CASES = [  # (dtype, bs, Hq, Hkv, D, members_per_chunk, prefix_splits, suffix_splits)
-    (torch.float32, 8, 8, 2, 64, 16, None, None),
-    (torch.float16, 16, 8, 1, 128, 2, 3, 2),
-    (torch.bfloat16, 8, 4, 4, 80, 4, 1, 1),
-    (torch.float32, 32, 16, 2, 256, 3, 2, 1),
-    (torch.float16, 16, 4, 1, 96, 16, 5, 3),
+CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_splits, suffix_splits,
+    #          _config): GQA 1 / 4 / 8, several chunks per group, several row tiles per chunk
+    (torch.float32, 8, 8, 2, 64, (3, 3), 16, None, None, None),
+    (torch.float16, 16, 8, 1, 128, (2, 5), 2, 3, 2, None),
+    (torch.bfloat16, 8, 4, 4, 80, (6, 2), 4, 1, 1, {"prefix_m": 16}),
+    (torch.float32, 32, 16, 2, 256, (3, 4), 3, 2, 1, None),
+    (torch.float16, 16, 4, 1, 96, (9, 2), 16, 5, 3, {"prefix_m": 16, "prefix_tile": 16,
+                                                     "separate": True}),
+    (torch.bfloat16, 8, 8, 1, 64, (5, 3, 2), 64, 2, 2, {"prefix_m": 16, "suffix_tile": 16}),
 ]
 
 
-@pytest.mark.parametrize("dtype,bs,hq,hkv,d,mpc,ps,ss", CASES)
-def test_shared_prefix_matches_paged(dtype, bs, hq, hkv, d, mpc, ps, ss, device):
-    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=bs, hq=hq, hkv=hkv, d=d)
-    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), ctx.cpu(), qsl.cpu(), scale=d ** -0.5)
+@pytest.mark.parametrize("dtype,bs,hq,hkv,d,sizes,mpc,ps,ss,cfg", CASES)
+def test_shared_prefix_matches_reference(dtype, bs, hq, hkv, d, sizes, mpc, ps, ss, cfg, device):
+    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=bs, hq=hq, hkv=hkv, d=d,
+                                      prefix_blocks=(4, 3, 5)[:len(sizes)], group_sizes=sizes)
+    ref = _reference(q, k, v, bt, ctx, d ** -0.5)
     groups = find_prefix_groups(bt, ctx, bs, members_per_chunk=mpc)
+    assert len(groups.groups) == len(sizes)
     out = torch.full_like(q, float("nan"))
     shared_prefix_decode(q, k, v, bt, ctx, scale=d ** -0.5, groups=groups, out=out,
-                         prefix_splits=ps, suffix_splits=ss)
+                         prefix_splits=ps, suffix_splits=ss, _config=cfg)
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
     paged = paged_attention(q, k, v, bt, ctx, qsl, scale=d ** -0.5)
     assert rel_err(out.cpu(), paged.cpu()) < 2 * TOL[dtype]
 
@@ -95,8 +123,7 @@ def test_shared_prefix_matches_paged(dtype, bs, hq, hkv, d, mpc, ps, ss, device)
                                 {"sliding_window": 45, "softcap": 10.0}])
 def test_shared_prefix_window_softcap(kw, device):
     (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=8, hkv=2, d=64)
-    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), ctx.cpu(), qsl.cpu(), scale=0.2, **kw)
+    ref = _reference(q, k, v, bt, ctx, 0.2, **kw)
     out = torch.full_like(q, float("nan"))
     shared_prefix_decode(q, k, v, bt, ctx, scale=0.2, out=out, prefix_splits=2, **kw)
     assert rel_err(out.cpu(), ref) < 1e-4
@@ -105,19 +132,20 @@ def test_shared_prefix_window_softcap(kw, device):
 
 
 def test_groups_reused_across_layers_and_no_groups(device):
-    (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=4, hkv=2, d=32)
+    (q, k, v, bt, ctx), expected = make_tree(device, torch.float32, bs=8, hq=4, hkv=2, d=32)
     groups = find_prefix_groups(bt, ctx, 8)
-    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    for _layer in range(2):  # fresh K/V per layer, same groups
+    for _layer in range(2):  # fresh K/V and queries per layer, same groups
         k = torch.where(torch.isnan(k), k, torch.randn_like(k))
         v = torch.where(torch.isnan(v), v, torch.randn_like(v))
-        ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), ctx.cpu(), qsl.cpu(), scale=0.1)
-        out = shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, groups=groups)
+        q = torch.randn_like(q)
+        ref = _reference(q, k, v, bt, ctx, 0.1)
+        out = shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, groups=groups,
+                                   out=torch.full_like(q, float("nan")))
         assert rel_err(out.cpu(), ref) < 1e-4
     # a batch with no shared prefix falls back to plain paged decode
-    ref = naive_attention(q[-2:].cpu(), k.cpu(), v.cpu(), bt[-2:].cpu(), ctx[-2:].cpu(),
-                          qsl[:3].cpu(), scale=0.1)
-    out = shared_prefix_decode(q[-2:], k, v, bt[-2:], ctx[-2:], scale=0.1)
+    lone = torch.tensor(_loners(expected, q.shape[0]), device=device)
+    ref = _reference(q[lone], k, v, bt[lone], ctx[lone], 0.1)
+    out = shared_prefix_decode(q[lone], k, v, bt[lone], ctx[lone], scale=0.1)
     assert rel_err(out.cpu(), ref) < 1e-4
 
 
@@ -130,6 +158,14 @@ def test_shared_prefix_validation(device):
     g = find_prefix_groups(bt[:4], ctx[:4], 8)
     with pytest.raises(ValueError, match="sequences"):
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, groups=g)
+    with pytest.raises(ValueError, match="prefix_splits"):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, prefix_splits=0)
+    with pytest.raises(ValueError, match="suffix_splits"):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, suffix_splits=1.5)
+    with pytest.raises(ValueError, match="prefix_m"):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"prefix_m": 24})
+    with pytest.raises(ValueError, match="unknown keys"):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"block_q": 2})
 
 
 def test_scratch_garbage_is_never_read(device, monkeypatch):
@@ -137,18 +173,36 @@ def test_scratch_garbage_is_never_read(device, monkeypatch):
     import sharedecode.kernels.paged_attention as pa
     import sharedecode.kernels.shared_prefix as sp
 
-    alloc = pa._alloc_partials
+    def poison(alloc):
+        return lambda *a, **kw: tuple(x.fill_(float("nan")) for x in alloc(*a, **kw))
 
-    def poisoned(*a, **k):
-        acc, lse = alloc(*a, **k)
-        return acc.fill_(float("nan")), lse.fill_(float("nan"))
-
-    monkeypatch.setattr(sp, "_alloc_partials", poisoned)
-    monkeypatch.setattr(pa, "_alloc_partials", poisoned)
-    (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=4, hkv=2, d=32)
-    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), bt.cpu(), ctx.cpu(), qsl.cpu(), scale=0.1)
-    out = shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, prefix_splits=3, suffix_splits=2)
+    monkeypatch.setattr(sp, "_alloc_scratch", poison(sp._alloc_scratch))
+    monkeypatch.setattr(pa, "_alloc_partials", poison(pa._alloc_partials))
+    (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=4, hkv=2, d=32,
+                                      prefix_blocks=(4, 1), group_sizes=(2, 3), loners=3)
+    ref = _reference(q, k, v, bt, ctx, 0.1)
+    # 7 prefix splits of a 1-block prefix: most prefix splits of that group are empty
+    out = shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, prefix_splits=7, suffix_splits=2)
     assert rel_err(out.cpu(), ref) < 1e-4
+    qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
     out = paged_attention(q, k, v, bt, ctx, qsl, scale=0.1, num_splits=8)
     assert rel_err(out.cpu(), ref) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_prefix_cuda_graph():
+    dev = torch.device("cuda")
+    (q, k, v, bt, ctx), _ = make_tree(dev, torch.bfloat16, bs=16, hq=32, hkv=8, d=128,
+                                      group_sizes=(5, 3))
+    groups = find_prefix_groups(bt, ctx, 16)
+    out = torch.full_like(q, float("nan"))
+    shared_prefix_decode(q, k, v, bt, ctx, scale=0.088, groups=groups, out=out)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.088, groups=groups, out=out)
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), _reference(q, k, v, bt, ctx, 0.088)) < TOL[torch.bfloat16]
