@@ -34,6 +34,9 @@ class BlockTable:
     block_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in cached blocks when allocated
+    # Leading blocks already marked computed: `mark_computed` marks only the blocks after them
+    # (full blocks never change in a table, and a held block stays computed).
+    num_computed_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -152,7 +155,7 @@ class BlockAllocator:
         appenders: dict[int, int] = {}
         needed = 0
         for table in tables:
-            if table.num_tokens % bs == 0:
+            if len(table.token_ids) % bs == 0:
                 needed += 1
             else:
                 last = table.block_ids[-1]
@@ -230,49 +233,55 @@ class BlockAllocator:
     def fork(self, table: BlockTable) -> BlockTable:
         """A child sharing every block of `table` (ref + 1 each); nothing is copied."""
         self._check_live(table)
+        ref_counts = self.ref_counts
         for block_id in table.block_ids:
-            self.ref_counts[block_id] += 1
-        child = BlockTable(block_ids=list(table.block_ids), token_ids=list(table.token_ids),
-                           num_cached_tokens=table.num_cached_tokens)
+            ref_counts[block_id] += 1
+        child = BlockTable(table.block_ids.copy(), table.token_ids.copy(), table.num_cached_tokens,
+                           table.num_computed_blocks)
         self.tables[id(child)] = child
         return child
 
     def append(self, table: BlockTable, token_ids: list[int]) -> None:
         """Reserve slots for new tokens at the end of `table` (copy-on-write where shared)."""
         self._check_live(table)
-        needed = self.blocks_needed_to_append(table, len(token_ids))
+        bs = self.block_size
+        old = len(table.token_ids)
+        new = old + len(token_ids)
+        copy_on_write = bool(old % bs and token_ids and self.ref_counts[table.block_ids[-1]] > 1)
+        needed = self.blocks_for(new) - len(table.block_ids) + copy_on_write  # = blocks_needed_to_append
         if needed > self.num_free_blocks:
             raise KVCacheFull(
                 f"appending {len(token_ids)} token(s) needs {needed} free KV blocks, "
                 f"{self.num_free_blocks} of {self.num_blocks} are free"
             )
-        bs = self.block_size
-        if table.num_tokens % bs and token_ids:
+        if copy_on_write:
             last = table.block_ids[-1]
-            if self.ref_counts[last] > 1:
-                copy = self._take_block()
-                self.pending_copies.append((last, copy))
-                self.ref_counts[last] -= 1
-                table.block_ids[-1] = copy
-        first_new_full = table.num_tokens // bs
+            copy = self._take_block()
+            self.pending_copies.append((last, copy))
+            self.ref_counts[last] -= 1
+            table.block_ids[-1] = copy
         table.token_ids.extend(token_ids)
-        while len(table.block_ids) < self.blocks_for(table.num_tokens):
+        while len(table.block_ids) < self.blocks_for(new):
             table.block_ids.append(self._take_block())
-        for index in range(first_new_full, table.num_tokens // bs):
+        for index in range(old // bs, new // bs):
             self._register_full_block(table, index)
 
     def mark_computed(self, table: BlockTable) -> None:
         """Record that the KV of all of `table`'s tokens has been written (after a forward)."""
-        for index in range(table.num_tokens // self.block_size):
-            self.computed[table.block_ids[index]] = True
+        full = len(table.token_ids) // self.block_size
+        computed, block_ids = self.computed, table.block_ids
+        for index in range(table.num_computed_blocks, full):
+            computed[block_ids[index]] = True
+        table.num_computed_blocks = max(full, table.num_computed_blocks)
 
     def free(self, table: BlockTable) -> None:
         """Drop `table`'s references; blocks at ref 0 go back (hashed ones become evictable)."""
         if self.tables.pop(id(table), None) is None:
             return  # already freed: freeing twice is harmless
+        ref_counts = self.ref_counts
         for block_id in reversed(table.block_ids):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
+            ref_counts[block_id] -= 1
+            if ref_counts[block_id] == 0:
                 if self.block_hashes[block_id] is not None and self.computed[block_id]:
                     self.evictable[block_id] = None
                 else:  # uncomputed content must never be matched by a later prompt
@@ -280,6 +289,7 @@ class BlockAllocator:
                     self.free_block_ids.append(block_id)
         table.block_ids = []
         table.token_ids = []
+        table.num_computed_blocks = 0
 
     def free_all(self) -> None:
         for table in list(self.tables.values()):
@@ -338,6 +348,9 @@ class BlockAllocator:
             assert len(table.block_ids) == self.blocks_for(table.num_tokens), "table size"
             for block_id in table.block_ids:
                 holders[block_id] += 1
+            assert table.num_computed_blocks <= table.num_tokens // self.block_size, "computed past the full blocks"
+            assert all(self.computed[b] for b in table.block_ids[: table.num_computed_blocks]), \
+                "a block marked computed in its table lost its KV"
         assert holders == self.ref_counts, "ref counts differ from the tables holding each block"
         free = set(self.free_block_ids)
         evictable = set(self.evictable)

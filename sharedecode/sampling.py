@@ -1,7 +1,8 @@
 """Logits processors as plain functions over a batch `[N, V]`, in Hugging Face's order.
 
 HF applies repetition penalty, then the minimum-length EOS ban, then (sampling only) temperature,
-top-k, top-p and min-p. Each function here returns a new tensor and leaves its input alone.
+top-k, top-p and min-p. Each function here returns a new tensor and leaves its input alone (those
+ending in `_` work in place).
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def ban_tokens(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | 
     """Set `token_ids` to -inf (in `rows` only, a bool mask, when given): HF's min-new-tokens rule."""
     if not token_ids:
         return scores
-    scores = scores.clone()
+    return ban_tokens_(scores.clone(), token_ids, rows)
+
+
+def ban_tokens_(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`ban_tokens` in place (for a tensor the caller owns); returns `scores`."""
+    if not token_ids:
+        return scores
     ids = to_device(token_ids, scores.device)
     if rows is None:
         scores[:, ids] = NEG_INF

@@ -287,25 +287,25 @@ class Scheduler:
         self._track_peak(running)
         # Requests that split their step do the device part first (no host sync), then one
         # transfer brings every request's small result to the host for the bookkeeping.
-        rows, offset = [], 0
-        for request in running:
-            rows.append(logits[offset : offset + len(request.pending)])
-            offset += len(request.pending)
-        parts = self._step_device(running, rows)
+        counts = [len(request.pending) for request in running]
+        parts = self._step_device(running, logits, counts)
         split = [p for p in parts if p is not None]
         host = iter(torch.cat(split).cpu().split([p.numel() for p in split]) if split else ())
-        for request, part, r in zip(running, parts, rows):
+        offset = 0
+        for request, part, count in zip(running, parts, counts):
             if part is None:
-                request.step(engine, r)
+                request.step(engine, logits[offset : offset + count])
             else:
                 request.step_host(engine, next(host))
+            offset += count
 
     @staticmethod
-    def _step_device(running: list[Request], rows: list[torch.Tensor]) -> list:
-        """Each request's device part of the step (None: it steps whole). Consecutive requests of
-        one strategy that offer `step_device_group` share one pass over their rows."""
+    def _step_device(running: list[Request], logits: torch.Tensor, counts: list[int]) -> list:
+        """Each request's device part of the step (None: it steps whole); request i's rows of
+        `logits` are the next `counts[i]`. Consecutive requests of one strategy that offer
+        `step_device_group` share one pass over their rows (a view: nothing is copied)."""
         parts: list = []
-        start = 0
+        start, offset = 0, 0
         while start < len(running):
             request = running[start]
             end = start + 1
@@ -313,13 +313,14 @@ class Scheduler:
             while group is not None and end < len(running) and type(running[end]) is type(request) \
                     and running[end].strategy is request.strategy:
                 end += 1
+            rows = sum(counts[start:end])
             if group is not None:
-                parts.extend(group(running[start:end], torch.cat(rows[start:end])))
+                parts.extend(group(running[start:end], logits[offset : offset + rows]))
             elif hasattr(request, "step_device"):
-                parts.append(request.step_device(rows[start]))
+                parts.append(request.step_device(logits[offset : offset + rows]))
             else:
                 parts.append(None)
-            start = end
+            start, offset = end, offset + rows
         return parts
 
     def _track_peak(self, running: list[Request]) -> None:

@@ -398,6 +398,31 @@ def test_a_block_filled_after_mark_computed_is_not_cached():
     alloc.check()
 
 
+def test_mark_computed_marks_each_full_block_once_through_forks_and_copies():
+    """mark_computed only walks the blocks past the ones it marked before (a fork inherits that
+    count), and still marks every full block: new ones, and a block filled after a copy-on-write."""
+    alloc = BlockAllocator(16, 4)
+    a = computed_prompt(alloc, [1, 2, 3, 4, 5, 6])  # block 0 full (computed), block 1 partial
+    assert a.num_computed_blocks == 1
+    b = alloc.fork(a)
+    assert b.num_computed_blocks == 1
+    alloc.append(b, [7, 8])  # copy-on-write of the shared partial block, which b then fills
+    copy = b.block_ids[1]
+    assert copy != a.block_ids[1] and not alloc.computed[copy]
+    alloc.mark_computed(b)
+    assert alloc.computed[copy] and b.num_computed_blocks == 2
+    assert not alloc.computed[a.block_ids[1]] and a.num_computed_blocks == 1
+    alloc.append(a, [9, 10, 11])  # a fills its own block 1 and starts block 2
+    alloc.mark_computed(a)
+    assert alloc.computed[a.block_ids[1]] and not alloc.computed[a.block_ids[2]]
+    assert a.num_computed_blocks == 2
+    alloc.check()
+    alloc.free(a)
+    assert a.num_computed_blocks == 0
+    alloc.free(b)
+    alloc.check()
+
+
 def test_in_use_blocks_are_shared_before_they_are_computed():
     """Prompts of one prefill share a prefix another of them is computing (the engine computes the
     tables in order); freeing them uncomputed must not leave the prefix cached."""

@@ -18,6 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from sharedecode.engine import Engine
 from sharedecode.strategies import BeamSearch, Greedy, ParallelSampling, SharedPromptBatch
+from sharedecode.strategies import beam_search
+from sharedecode.strategies.beam_search import BeamRequest
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
 
 VOCAB = 96
@@ -649,3 +651,132 @@ def test_a_strategy_tokenizer_does_not_change_the_shared_engine():
     assert greedy.last_results is result and result.sequences[0].text is not None
     with pytest.raises(ValueError, match="tokenizer"):
         Greedy(engine, max_new_tokens=3).run("ROMEO:\n")  # no tokenizer of its own
+
+
+# ------------------------------------------------------------------------ grouped beam steps
+def test_grouped_beam_steps_with_mixed_eos_bans_match_each_alone_and_hf(monkeypatch):
+    """A cache too small for the whole batch admits the prompts at different steps, so one grouped
+    device step holds requests that still ban EOS (min_new_tokens) beside requests that do not;
+    some beams end by EOS, one by length. Each request equals itself alone and HF (scores to 1e-4:
+    a preempted request's recomputed prefill rounds differently from its decode steps)."""
+    model, engine = get("llama", True)
+    groups: list[tuple[int, ...]] = []
+    grouped = BeamRequest.step_device_group
+
+    def spy(requests, logits):
+        groups.append(tuple(r.num_generated for r in requests))
+        return grouped(requests, logits)
+
+    monkeypatch.setattr(BeamRequest, "step_device_group", staticmethod(spy))
+    small = Engine(model, block_size=BLOCK, kv_cache_bytes=22 * engine.layout.bytes_per_block, backend="torch")
+    prompts = [prompt_of(5, 91), prompt_of(13, 92), prompt_of(9, 93), prompt_of(3, 94)]
+    params = dict(num_beams=4, max_new_tokens=12, min_new_tokens=4, num_return_sequences=2)
+    batch = BeamSearch(small, **params).run(prompts)
+    assert small.kv_stats().blocks_in_use == 0
+    small.allocator.check()
+    assert any(len(g) > 1 and min(g) < 4 <= max(g) for g in groups), groups
+    assert {s.finish_reason for r in batch for s in r.sequences} == {"eos", "length"}
+    for prompt, result in zip(prompts, batch):
+        alone = run_checked(BeamSearch(engine, **params), prompt)
+        assert [(s.token_ids, s.finish_reason) for s in result.sequences] == \
+            [(s.token_ids, s.finish_reason) for s in alone.sequences]
+        assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(result.sequences, alone.sequences))
+        assert_matches_hf(result, hf_generate(model, prompt, **params), prompt, scores=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_beam_batch_with_repetition_penalty_matches_hf(kind):
+    model, engine = get(kind, True)
+    prompts = [prompt_of(6, 101), prompt_of(14, 102), prompt_of(3, 103)]
+    params = dict(num_beams=3, max_new_tokens=9, repetition_penalty=1.4, num_return_sequences=3,
+                  length_penalty=0.5, early_stopping=True)
+    results = BeamSearch(engine, **params).run(prompts)
+    assert engine.kv_stats().blocks_in_use == 0
+    for prompt, ours in zip(prompts, results):
+        assert_matches_hf(ours, hf_generate(model, prompt, **params), prompt, scores=True)
+
+
+def test_step_device_group_equals_each_request_alone():
+    """The grouped device step gives every request exactly the tensor its own step gives."""
+    model, engine = get("qwen2", True)
+    k = 3
+    strategy = BeamSearch(engine, num_beams=k, max_new_tokens=10, min_new_tokens=2, repetition_penalty=1.2)
+    requests = [strategy.make_request(prompt_of(n, 110 + n)) for n in (4, 7, 5)]
+    rng = random.Random(0)
+    for request, generated in zip(requests, (0, 2, 5)):  # the first still bans EOS
+        request.num_generated = generated
+        request.running_generated = [[rng.randrange(4, VOCAB) for _ in range(generated)] for _ in range(k)]
+        request.running_scores = [float(torch.tensor(-rng.random() * generated).float()) for _ in range(k)]
+    torch.manual_seed(0)
+    logits = torch.randn(k * len(requests), VOCAB) * 4
+    together = BeamRequest.step_device_group(requests, logits)
+    for i, request in enumerate(requests):
+        assert torch.equal(together[i], request.step_device(logits[i * k:(i + 1) * k]))
+
+
+def test_float32_helpers_equal_torch():
+    rng = random.Random(0)
+    for _ in range(300):
+        values = [float(torch.tensor(-rng.random() * rng.choice([1.0, 40.0, 1e4, 3e9])).float())
+                  for _ in range(12)]
+        divisor = rng.randint(1, 300) ** rng.choice([1.0, 0.5, 2.0, -1.0, 0.0, 100.0, -100.0])
+        expected = (torch.tensor([values]) / divisor)[0].tolist()
+        f32_divisor = beam_search.to_f32([divisor])[0]
+        got = beam_search.divide_f32(values, f32_divisor)
+        assert [repr(x) for x in got] == [repr(x) for x in expected]
+        flags = [rng.random() < 0.5 for _ in values]
+        expected = (torch.tensor([values]) + torch.tensor([flags]).to(torch.float32) * beam_search.NEG)[0]
+        got = beam_search.to_f32([v + beam_search.neg_if(f) for v, f in zip(values, flags)])
+        assert [repr(x) for x in got] == [repr(x) for x in expected.tolist()]
+    assert beam_search.to_f32([1e39, -1e39, 3.4028234e38, 0.1]) == \
+        torch.tensor([1e39, -1e39, 3.4028234e38, 0.1]).tolist()
+
+
+@pytest.mark.parametrize("pool", [
+    [-1.0, -2.0, -3.0, -4.0, -5.0],                            # distinct: the sort answers
+    [beam_search.NEG, -0.5, beam_search.NEG, -1.5],             # ties: torch answers
+    [float("-inf"), -1.0, float("-inf"), -2.0, -3.0],
+    [float("nan"), -1.0, -2.0, float("inf"), 0.0],
+])
+def test_topk_indices_equals_torch_topk(pool):
+    rng = random.Random(1)
+    for _ in range(200):
+        values = [rng.choice(pool) for _ in range(rng.randint(2, 24))]
+        k = rng.randint(1, len(values))
+        expected = torch.topk(torch.tensor([values], dtype=torch.float32), k)[1][0].tolist()
+        assert beam_search.topk_indices(values, k) == expected
+
+
+class UngroupedBeamSearch(BeamSearch):
+    """Beam search whose requests step one by one (the scheduler's path without a group step)."""
+
+    class Request(BeamRequest):
+        step_device_group = None
+
+    def make_request(self, prompt_ids):
+        return self.Request(prompt_ids, self)
+
+
+def test_grouped_beam_batch_is_bit_identical_to_stepping_each_request():
+    """Requests finishing at different steps leave the group one by one; the grouped step gives
+    exactly what stepping each request on its own rows gives (same forwards), and each request
+    equals itself alone (where the forward's batching changes the last bits of the logits)."""
+    model, _ = get("qwen2", True)
+
+    def fresh():
+        return Engine(model, block_size=BLOCK, kv_cache_bytes=2**21, backend="torch")
+
+    prompts = [prompt_of(n, 120 + n) for n in (4, 11, 7, 16, 2)]
+    params = dict(num_beams=4, max_new_tokens=14, num_return_sequences=3, length_penalty=2.0)
+
+    def outputs(results):
+        return [[(s.token_ids, s.score, s.logprob, s.finish_reason) for s in r.sequences] for r in results]
+
+    grouped = BeamSearch(fresh(), **params).run(prompts)
+    assert len({r.stats.decode_steps for r in grouped}) == 1
+    assert len({len(s.token_ids) for r in grouped for s in r.sequences}) > 3
+    assert outputs(grouped) == outputs(UngroupedBeamSearch(fresh(), **params).run(prompts))
+    for prompt, result in zip(prompts, grouped):
+        alone = BeamSearch(fresh(), **params).run(prompt)
+        assert [s.token_ids for s in result.sequences] == [s.token_ids for s in alone.sequences]
+        assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(result.sequences, alone.sequences))

@@ -3,25 +3,88 @@
 The arithmetic follows transformers' `GenerationMixin._beam_search` step for step (same tensors,
 same order of float operations, same top-k tie-breaking), so tokens and `sequences_scores` match
 `model.generate(num_beams=k, do_sample=False)`. What differs is the memory: the prompt is prefilled
-once, each surviving beam is a fork of its parent's block table (ref counts, no copy), losers are
-freed at once, and only a beam that appends into a still-shared partial block copies it.
+once, each surviving beam takes over its parent's block table or forks it (ref counts, no copy),
+losers are freed at once, and only a beam that appends into a still-shared partial block copies it.
+
+And the host cost per step: the requests of one strategy share one device pass (log_softmax,
+processors, running scores, per-request top-K: a handful of kernels for the whole batch), and each
+request's selection over its few top-K candidates runs as plain Python on float32 values, rounding
+every operation to float32 exactly as the tensors did (`_select`).
 """
 
 from __future__ import annotations
+
+import math
+import struct
+from array import array
+from functools import lru_cache
 
 import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import apply_repetition_penalty, ban_tokens, to_device
+from sharedecode.sampling import apply_repetition_penalty, ban_tokens_, to_device
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
 
-NEG = -1.0e9  # HF's "impossible" score
+NEG = -1.0e9  # HF's "impossible" score (a float32 value)
+
+
+# ------------------------------------------------------------------ float32 arithmetic on the host
+F32_OVERFLOW = 2.0**128 - 2.0**103  # halfway between float32's largest value and 2**128: rounds to inf
+
+
+@lru_cache(maxsize=64)
+def _f32_struct(count: int) -> struct.Struct:
+    return struct.Struct(f"{count}f")
+
+
+def to_f32(values: list[float]) -> list[float]:
+    """Each value rounded to the nearest float32 (overflow to +-inf), as a float32 tensor stores it."""
+    packer = _f32_struct(len(values))
+    try:
+        return list(packer.unpack(packer.pack(*values)))
+    except OverflowError:  # struct refuses values that round beyond float32's range
+        return [math.copysign(math.inf, x) if abs(x) >= F32_OVERFLOW else to_f32([x])[0] for x in values]
+
+
+def neg_if(flag: bool) -> float:
+    """HF's `flag.to(float32) * NEG`: NEG, or -0.0 (whose sum with x is x, signed zeros included)."""
+    return NEG if flag else -0.0
+
+
+def divide_f32(values: list[float], divisor: float) -> list[float]:
+    """float32 `values / divisor` (all float32 values), with IEEE results for a zero divisor."""
+    if divisor != 0.0:
+        return to_f32([x / divisor for x in values])
+    sign = math.copysign(1.0, divisor)
+    return [math.nan if x == 0.0 or x != x else math.copysign(math.inf, x) * sign for x in values]
+
+
+def min_f32(values: list[float]) -> float:
+    """`torch.min`: NaN if any value is NaN."""
+    low = min(values)
+    return math.nan if any(v != v for v in values) else low
+
+
+def topk_indices(values: list[float], k: int) -> list[int]:
+    """The indices `torch.topk(torch.tensor([values]), k)` gives on the CPU, largest first.
+
+    When the k largest values and the next one are all distinct (and none is NaN) the answer is
+    unique and a sort gives it; otherwise (ties, which torch breaks its own way) torch answers."""
+    order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+    head = [values[i] for i in order[: k + 1]]
+    total = sum(values)
+    if total == total and all(a > b for a, b in zip(head, head[1:])):
+        return order[:k]
+    return torch.topk(torch.frombuffer(array("f", values), dtype=torch.float32), k).indices.tolist()
 
 
 class BeamRequest(Request):
+    """One prompt's beam search. Its scores live on the host as Python floats that are always
+    float32 values, and every operation on them rounds to float32 as torch does (see `_select`)."""
+
     def __init__(self, prompt: list[int], strategy: "BeamSearch"):
         super().__init__(prompt)
         self.strategy = strategy
@@ -29,15 +92,13 @@ class BeamRequest(Request):
         k = strategy.num_beams
         self.num_beams = k
         self.beams_to_keep = max(2, 1 + len(self.rule.eos_token_ids)) * k
-        self.top_num_beam_mask = torch.cat((torch.ones(k, dtype=torch.bool),
-                                            torch.zeros(self.beams_to_keep - k, dtype=torch.bool)))
-        self.running_scores = torch.zeros(k)
-        self.running_scores[1:] = NEG
+        self.vocab = 0  # set by the first step_device
+        self.running_scores: list[float] = [0.0] + [NEG] * (k - 1)
         self.running_generated: list[list[int]] = [[] for _ in range(k)]
-        self.finished_scores = torch.full((k,), NEG)
+        self.finished_scores: list[float] = [NEG] * k
         self.finished_generated: list[list[int]] = [[] for _ in range(k)]
         self.finished_reasons: list[str] = ["length"] * k
-        self.is_finished = torch.zeros(k, dtype=torch.bool)
+        self.is_finished: list[bool] = [False] * k
         self.heuristic_unsatisfied = True
         self.num_generated = 0
 
@@ -45,9 +106,10 @@ class BeamRequest(Request):
         k = self.num_beams
         try:
             top = self.step_device(logits.unsqueeze(0).expand(k, -1)).cpu()
-            self._select(engine, [table] * k, top)
-        finally:
+        except BaseException:
             engine.free(table)
+            raise
+        self._step_tables(engine, [table] * k, top)
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
         self.step_host(engine, self.step_device(logits).cpu())
@@ -56,75 +118,126 @@ class BeamRequest(Request):
         """The part of a step that reads the logits [k, V], on their device and without a host
         sync: log_softmax, processors, running scores, top-K. Returns [2K] float64: the top-K
         scores then their flat indices (exact in float64), for one batched transfer."""
-        s, rule = self.strategy, self.rule
-        self.vocab = logits.shape[-1]
+        return BeamRequest.step_device_group([self], logits)[0]
+
+    @staticmethod
+    def step_device_group(requests: list["BeamRequest"], logits: torch.Tensor) -> list[torch.Tensor]:
+        """`step_device` of several requests of one strategy whose k rows each are consecutive in
+        `logits`: one log_softmax, processor pass and top-K over all rows. Every op is row-wise (the
+        top-K is per request, over its k x V scores, as HF's batched beam search does), so each
+        request gets the same numbers as alone, with a handful of kernels instead of a handful
+        per request."""
+        first = requests[0]
+        s, rule, k = first.strategy, first.rule, first.num_beams
+        if logits.shape[0] != k * len(requests):
+            raise ValueError(f"step_device_group got {logits.shape[0]} rows for {len(requests)} requests "
+                             f"of {k} beams")
+        vocab = logits.shape[-1]
         log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
         if s.repetition_penalty != 1.0:
-            log_probs = apply_repetition_penalty(
-                log_probs, [self.prompt + g for g in self.running_generated], s.repetition_penalty)
-        if rule.bans_eos(self.num_generated):
-            log_probs = ban_tokens(log_probs, rule.eos_token_ids)
-        running = to_device(self.running_scores, log_probs.device)
-        log_probs = (log_probs + running[:, None]).reshape(1, -1)
-        topk_log_probs, topk_indices = torch.topk(log_probs, k=self.beams_to_keep)
-        return torch.cat((topk_log_probs[0].double(), topk_indices[0].double()))
+            histories = [r.prompt + g for r in requests for g in r.running_generated]
+            log_probs = apply_repetition_penalty(log_probs, histories, s.repetition_penalty)
+        banned = [rule.bans_eos(r.num_generated) for r in requests]
+        if any(banned):
+            rows = None if all(banned) else \
+                to_device([flag for flag in banned for _ in range(k)], log_probs.device)
+            log_probs = ban_tokens_(log_probs, rule.eos_token_ids, rows)  # log_probs is ours
+        running = to_device([x for r in requests for x in r.running_scores], log_probs.device, torch.float32)
+        log_probs = (log_probs + running[:, None]).reshape(len(requests), k * vocab)
+        topk_log_probs, topk_indices = torch.topk(log_probs, k=first.beams_to_keep)
+        for request in requests:
+            request.vocab = vocab
+        return list(torch.cat((topk_log_probs.double(), topk_indices.double()), dim=1))
 
     def step_host(self, engine: Engine, top: torch.Tensor) -> None:
         """The rest of the step, on `step_device`'s result moved to the host."""
-        parents = [b.table for b in self.pending]
-        try:
-            self._select(engine, parents, top)
-        finally:  # pruned beams give their blocks back at once
-            for table in parents:
-                engine.free(table)
+        self._step_tables(engine, [b.table for b in self.pending], top)
 
-    def _select(self, engine: Engine, parents: list, top: torch.Tensor) -> None:
-        s, rule, k, vocab = self.strategy, self.rule, self.num_beams, self.vocab
-        topk_log_probs = top[None, : self.beams_to_keep].float()
-        topk_indices = top[None, self.beams_to_keep :].long()
-        beam_of = (topk_indices // vocab)[0].tolist()
-        token_of = (topk_indices % vocab)[0].tolist()
-        candidates = [self.running_generated[b] + [t] for b, t in zip(beam_of, token_of)]
-        reasons = [rule.finish_reason(c) for c in candidates]
-        hits = torch.tensor([[r is not None for r in reasons]])
+    def _step_tables(self, engine: Engine, parents: list, top: torch.Tensor) -> None:
+        """Select from `top` and branch the survivors out of `parents` (the tables of the rows the
+        scores came from; one table may stand for several rows). Each parent's first survivor
+        takes over its table, the others fork it; parents without survivors are freed at once,
+        and so is every parent not handed over when an exception interrupts."""
+        handed: set[int] = set()
+        try:
+            survivors = self._select(top)
+            self.pending = []
+            for beam, token in survivors:  # one by one, so that an interruption frees what exists
+                parent = parents[beam]
+                if id(parent) in handed:
+                    self.pending.append(Branch(engine.fork(parent), token))
+                else:
+                    self.pending.append(Branch(parent, token))
+                    handed.add(id(parent))
+        finally:
+            for table in parents:
+                if id(table) not in handed:
+                    engine.free(table)
+
+    def _select(self, top: torch.Tensor) -> list[tuple[int, int]]:
+        """HF's beam step on the top-K candidates; returns the survivors (parent beam, token), none
+        when the search is done.
+
+        The same float32 operations as HF's tensors, one list element at a time: each result is
+        rounded to float32 (`to_f32`; a float32 sum or quotient computed in double and rounded once
+        is the correctly rounded float32 result), and each top-k is `topk_indices` (torch's answer,
+        ties included). Plain Python on these few numbers costs far less than ~30 tiny torch ops."""
+        s, k, keep = self.strategy, self.num_beams, self.beams_to_keep
+        values = top.tolist()
+        scores = values[:keep]  # float32 values (exact in float64)
+        beam_of, token_of = zip(*(divmod(int(i), self.vocab) for i in values[keep:]))
+        generated = self.running_generated
+        reasons = self._finish_reasons(beam_of, token_of)
+        hits = [r is not None for r in reasons]
 
         # The best num_beams unfinished candidates keep running.
-        topk_running = topk_log_probs + hits.to(torch.float32) * NEG
-        next_indices = torch.topk(topk_running, k=k)[1][0].tolist()
-        new_scores = topk_running[0, next_indices]
+        running = to_f32([x + neg_if(h) for x, h in zip(scores, hits)])
+        next_indices = topk_indices(running, k)
 
         # Finished candidates among the top num_beams compete with earlier finished beams.
-        did_finish = hits & self.top_num_beam_mask[None, :]
-        adjusted = topk_log_probs / ((self.num_generated + 1) ** s.length_penalty)
-        full = bool(self.is_finished.all()) and s.early_stopping is True
-        adjusted = adjusted + torch.tensor([[full]]).to(torch.float32) * NEG
-        adjusted = adjusted + torch.tensor([[not self.heuristic_unsatisfied]]).to(torch.float32) * NEG
-        adjusted = adjusted + (~did_finish) * NEG
-        merged_scores = torch.cat((self.finished_scores[None, :], adjusted), dim=1)
-        merged_generated = self.finished_generated + candidates
-        merged_reasons = self.finished_reasons + [r or "length" for r in reasons]
-        merged_finished = torch.cat((self.is_finished[None, :], did_finish), dim=1)
-        keep = torch.topk(merged_scores, k=k)[1][0]
-        self.finished_scores = merged_scores[0, keep]
-        self.finished_generated = [merged_generated[i] for i in keep.tolist()]
-        self.finished_reasons = [merged_reasons[i] for i in keep.tolist()]
-        self.is_finished = merged_finished[0, keep]
+        did_finish = [h and rank < k for rank, h in enumerate(hits)]
+        adjusted = divide_f32(scores, to_f32([(self.num_generated + 1) ** s.length_penalty])[0])
+        full = all(self.is_finished) and s.early_stopping is True
+        for flag in (full, not self.heuristic_unsatisfied):
+            if flag:  # (adding -0.0 when it is False changes nothing)
+                adjusted = to_f32([x + NEG for x in adjusted])
+        adjusted = to_f32([x + neg_if(not d) for x, d in zip(adjusted, did_finish)])
+        merged = self.finished_scores + adjusted
+        kept = topk_indices(merged, k)
+        old = len(self.finished_scores)
+
+        def merged_entry(i: int) -> tuple[list[int], str, bool]:
+            if i < old:
+                return self.finished_generated[i], self.finished_reasons[i], self.is_finished[i]
+            j = i - old
+            return generated[beam_of[j]] + [token_of[j]], reasons[j] or "length", did_finish[j]
+
+        entries = [merged_entry(i) for i in kept]
+        self.finished_scores = [merged[i] for i in kept]
+        self.finished_generated = [e[0] for e in entries]
+        self.finished_reasons = [e[1] for e in entries]
+        self.is_finished = [e[2] for e in entries]
 
         self.num_generated += 1
-        self.running_scores = new_scores
+        self.running_scores = [running[i] for i in next_indices]
         self._update_heuristic()
         go_on = (self.heuristic_unsatisfied
-                 and not (bool(self.is_finished.all()) and s.early_stopping is True)
-                 and not bool(hits.all()))
+                 and not (all(self.is_finished) and s.early_stopping is True)
+                 and not all(hits))
         if not go_on:
-            self.pending = []
             self.done = True
-            return
-        # Survivors fork from their parents; the caller frees the parents afterwards.
-        self.running_generated = [candidates[i] for i in next_indices]
-        self.pending = []
-        for i in next_indices:  # appended one by one so that an interruption frees what exists
-            self.pending.append(Branch(engine.fork(parents[beam_of[i]]), token_of[i]))
+            return []
+        self.running_generated = [generated[beam_of[i]] + [token_of[i]] for i in next_indices]
+        return [(beam_of[i], token_of[i]) for i in next_indices]
+
+    def _finish_reasons(self, beam_of: tuple[int, ...], token_of: tuple[int, ...]) -> list[str | None]:
+        """Each candidate's `StopRule.finish_reason` (every beam holds num_generated tokens)."""
+        rule = self.rule
+        if rule.stop_strings:
+            return [rule.finish_reason_after(self.running_generated[b], t) for b, t in zip(beam_of, token_of)]
+        at_limit = "length" if self.num_generated + 1 >= rule.max_new_tokens else None
+        eos = rule.eos_token_ids
+        return ["eos" if t in eos else at_limit for t in token_of]
 
     def _update_heuristic(self) -> None:
         s = self.strategy
@@ -132,18 +245,19 @@ class BeamRequest(Request):
             best_length = s.max_new_tokens
         else:
             best_length = self.num_generated
-        best_possible = self.running_scores[:1] / (best_length ** s.length_penalty)
-        worst_finished = torch.where(self.is_finished, torch.min(self.finished_scores), -1.0e9)
-        self.heuristic_unsatisfied = self.heuristic_unsatisfied and bool(
-            torch.any(best_possible > worst_finished))
+        divisor = to_f32([best_length ** s.length_penalty])[0]
+        best_possible = divide_f32(self.running_scores[:1], divisor)[0]
+        worst = min_f32(self.finished_scores)
+        self.heuristic_unsatisfied = self.heuristic_unsatisfied and any(
+            best_possible > (worst if finished else NEG) for finished in self.is_finished)
 
     def snapshot(self) -> dict:
         """Current beams for live displays."""
         return {
             "prompt": self.prompt,
-            "beams": [(list(g), float(sc)) for g, sc in zip(self.running_generated, self.running_scores)]
+            "beams": [(list(g), sc) for g, sc in zip(self.running_generated, self.running_scores)]
             if not self.done else [],
-            "finished": [(list(g), float(sc)) for g, sc, f in
+            "finished": [(list(g), sc) for g, sc, f in
                          zip(self.finished_generated, self.finished_scores, self.is_finished) if f],
             "done": self.done,
         }
@@ -153,7 +267,7 @@ class BeamRequest(Request):
         out = []
         for i in range(s.num_return_sequences):
             generated = self.finished_generated[i]
-            score = float(self.finished_scores[i])
+            score = self.finished_scores[i]
             logprob = score * (len(generated) ** s.length_penalty) if generated else 0.0
             text = s.decode_text(generated)
             reason = self.finished_reasons[i]
