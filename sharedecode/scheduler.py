@@ -286,26 +286,29 @@ class Scheduler:
         self.stats.decode_steps += 1
         self._track_peak(running)
         # Requests that split their step do the device part first (no host sync), then one
-        # transfer brings every request's small result to the host for the bookkeeping.
+        # transfer brings every request's small result to the host, as Python floats, for the
+        # bookkeeping (no per-request tensor op: with hundreds of requests those cost the most).
         counts = [len(request.pending) for request in running]
-        parts = self._step_device(running, logits, counts)
-        split = [p for p in parts if p is not None]
-        host = iter(torch.cat(split).cpu().split([p.numel() for p in split]) if split else ())
+        flats, spans = self._step_device(running, logits, counts)
+        host = (flats[0] if len(flats) == 1 else torch.cat(flats)).tolist() if flats else []
         offset = 0
-        for request, part, count in zip(running, parts, counts):
-            if part is None:
+        for request, span, count in zip(running, spans, counts):
+            if span is None:
                 request.step(engine, logits[offset : offset + count])
             else:
-                request.step_host(engine, next(host))
+                request.step_host(engine, host[span[0] : span[1]])
             offset += count
 
     @staticmethod
-    def _step_device(running: list[Request], logits: torch.Tensor, counts: list[int]) -> list:
-        """Each request's device part of the step (None: it steps whole); request i's rows of
-        `logits` are the next `counts[i]`. Consecutive requests of one strategy that offer
-        `step_device_group` share one pass over their rows (a view: nothing is copied)."""
-        parts: list = []
-        start, offset = 0, 0
+    def _step_device(running: list[Request], logits: torch.Tensor,
+                     counts: list[int]) -> tuple[list[torch.Tensor], list[tuple[int, int] | None]]:
+        """The device part of the step: flat result tensors, and each request's span of their
+        concatenation (None: it steps whole). Request i's rows of `logits` are the next `counts[i]`.
+        Consecutive requests of one strategy that offer `step_device_group` share one pass over
+        their rows (a view: nothing is copied) and one result tensor."""
+        flats: list[torch.Tensor] = []
+        spans: list[tuple[int, int] | None] = []
+        start, offset, position = 0, 0, 0
         while start < len(running):
             request = running[start]
             end = start + 1
@@ -315,13 +318,19 @@ class Scheduler:
                 end += 1
             rows = sum(counts[start:end])
             if group is not None:
-                parts.extend(group(running[start:end], logits[offset : offset + rows]))
+                flat, sizes = group(running[start:end], logits[offset : offset + rows])
             elif hasattr(request, "step_device"):
-                parts.append(request.step_device(logits[offset : offset + rows]))
+                flat = request.step_device(logits[offset : offset + rows])
+                sizes = [flat.numel()]
             else:
-                parts.append(None)
+                flat, sizes = None, [None]
+            if flat is not None:
+                flats.append(flat)
+            for size in sizes:
+                spans.append(None if size is None else (position, position + size))
+                position += size or 0
             start, offset = end, offset + rows
-        return parts
+        return flats, spans
 
     def _track_peak(self, running: list[Request]) -> None:
         engine = self.engine

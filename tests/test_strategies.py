@@ -709,9 +709,11 @@ def test_step_device_group_equals_each_request_alone():
         request.running_scores = [float(torch.tensor(-rng.random() * generated).float()) for _ in range(k)]
     torch.manual_seed(0)
     logits = torch.randn(k * len(requests), VOCAB) * 4
-    together = BeamRequest.step_device_group(requests, logits)
+    together, sizes = BeamRequest.step_device_group(requests, logits)
+    assert sizes == [2 * requests[0].beams_to_keep] * len(requests) and together.numel() == sum(sizes)
     for i, request in enumerate(requests):
-        assert torch.equal(together[i], request.step_device(logits[i * k:(i + 1) * k]))
+        alone = together[sum(sizes[:i]):sum(sizes[:i + 1])]
+        assert torch.equal(alone, request.step_device(logits[i * k:(i + 1) * k]))
 
 
 def test_float32_helpers_equal_torch():

@@ -105,14 +105,14 @@ class BeamRequest(Request):
     def start(self, engine: Engine, table, logits: torch.Tensor) -> None:
         k = self.num_beams
         try:
-            top = self.step_device(logits.unsqueeze(0).expand(k, -1)).cpu()
+            top = self.step_device(logits.unsqueeze(0).expand(k, -1)).tolist()
         except BaseException:
             engine.free(table)
             raise
         self._step_tables(engine, [table] * k, top)
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
-        self.step_host(engine, self.step_device(logits).cpu())
+        self.step_host(engine, self.step_device(logits).tolist())
 
     def step_device(self, logits: torch.Tensor) -> torch.Tensor:
         """The part of a step that reads the logits [k, V], on their device and without a host
@@ -121,12 +121,12 @@ class BeamRequest(Request):
         return BeamRequest.step_device_group([self], logits)[0]
 
     @staticmethod
-    def step_device_group(requests: list["BeamRequest"], logits: torch.Tensor) -> list[torch.Tensor]:
+    def step_device_group(requests: list["BeamRequest"], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """`step_device` of several requests of one strategy whose k rows each are consecutive in
         `logits`: one log_softmax, processor pass and top-K over all rows. Every op is row-wise (the
         top-K is per request, over its k x V scores, as HF's batched beam search does), so each
         request gets the same numbers as alone, with a handful of kernels instead of a handful
-        per request."""
+        per request. Returns one flat tensor (the requests' results one after another) and their sizes."""
         first = requests[0]
         s, rule, k = first.strategy, first.rule, first.num_beams
         if logits.shape[0] != k * len(requests):
@@ -147,13 +147,14 @@ class BeamRequest(Request):
         topk_log_probs, topk_indices = torch.topk(log_probs, k=first.beams_to_keep)
         for request in requests:
             request.vocab = vocab
-        return list(torch.cat((topk_log_probs.double(), topk_indices.double()), dim=1))
+        flat = torch.cat((topk_log_probs.double(), topk_indices.double()), dim=1).reshape(-1)
+        return flat, [2 * first.beams_to_keep] * len(requests)
 
-    def step_host(self, engine: Engine, top: torch.Tensor) -> None:
-        """The rest of the step, on `step_device`'s result moved to the host."""
+    def step_host(self, engine: Engine, top: list[float]) -> None:
+        """The rest of the step, on `step_device`'s result moved to the host (as a list)."""
         self._step_tables(engine, [b.table for b in self.pending], top)
 
-    def _step_tables(self, engine: Engine, parents: list, top: torch.Tensor) -> None:
+    def _step_tables(self, engine: Engine, parents: list, top: list[float]) -> None:
         """Select from `top` and branch the survivors out of `parents` (the tables of the rows the
         scores came from; one table may stand for several rows). Each parent's first survivor
         takes over its table, the others fork it; parents without survivors are freed at once,
@@ -174,7 +175,7 @@ class BeamRequest(Request):
                 if id(table) not in handed:
                     engine.free(table)
 
-    def _select(self, top: torch.Tensor) -> list[tuple[int, int]]:
+    def _select(self, top: list[float]) -> list[tuple[int, int]]:
         """HF's beam step on the top-K candidates; returns the survivors (parent beam, token), none
         when the search is done.
 
@@ -183,7 +184,7 @@ class BeamRequest(Request):
         is the correctly rounded float32 result), and each top-k is `topk_indices` (torch's answer,
         ties included). Plain Python on these few numbers costs far less than ~30 tiny torch ops."""
         s, k, keep = self.strategy, self.num_beams, self.beams_to_keep
-        values = top.tolist()
+        values = top
         scores = values[:keep]  # float32 values (exact in float64)
         beam_of, token_of = zip(*(divmod(int(i), self.vocab) for i in values[keep:]))
         generated = self.running_generated

@@ -35,17 +35,19 @@ class SampleRequest(Request):
         self.step(engine, logits.unsqueeze(0).expand(count, -1))
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
-        self.step_host(engine, self.step_device(logits).cpu())
+        self.step_host(engine, self.step_device(logits).tolist())
 
     def step_device(self, logits: torch.Tensor) -> torch.Tensor:
         """Choose each branch's next token on the logits' device without a host sync; returns [2n]
-        float64: the tokens, then their log-probabilities, for one batched transfer."""
+        float64: each branch's token and its log-probability, for one batched transfer."""
         return self.step_device_group([self], logits)[0]
 
     @staticmethod
-    def step_device_group(requests: list["SampleRequest"], logits: torch.Tensor) -> list[torch.Tensor]:
+    def step_device_group(requests: list["SampleRequest"], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """`step_device` of several requests of one strategy whose rows are consecutive in
-        `logits`: one pass of each processor over all rows (row-wise, so the same numbers)."""
+        `logits`: one pass of each processor over all rows (row-wise, so the same numbers).
+        Returns one flat tensor, the requests' results one after another, and their sizes: no
+        per-request tensor op, which costs more than the step itself with hundreds of requests."""
         s, rule = requests[0].strategy, requests[0].rule
         counts = [len(r.pending) for r in requests]
         scores = logits.float()
@@ -69,15 +71,15 @@ class SampleRequest(Request):
                                .exponential_(generator=r.generator) for r, n in zip(requests, counts)])
             tokens = (logprobs.exp() / noise).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        pairs = torch.stack((tokens.double(), chosen.double()))  # [2, rows]
-        return [part.reshape(-1) for part in pairs.split(counts, dim=1)]
+        pairs = torch.stack((tokens.double(), chosen.double()), dim=1)  # [rows, 2], exact in float64
+        return pairs.reshape(-1), [2 * n for n in counts]
 
-    def step_host(self, engine: Engine, chosen: torch.Tensor) -> None:
-        """Record the chosen tokens; finished branches give their blocks back at once."""
+    def step_host(self, engine: Engine, chosen: list[float]) -> None:
+        """Record the chosen tokens (`chosen`: token, log-probability for each branch, as floats);
+        finished branches give their blocks back at once."""
         rule = self.rule
-        count = len(self.pending)
-        tokens = chosen[:count].long().tolist()
-        logprobs = chosen[count:].float().tolist()
+        tokens = [int(t) for t in chosen[0::2]]
+        logprobs = chosen[1::2]
         still_running = []
         for branch, token, logprob in zip(self.pending, tokens, logprobs):
             key = id(branch)

@@ -1,0 +1,152 @@
+"""Where a step's time goes on the GPU: host work against device work (issue 7: profile first).
+
+For model M1 (or --model M2): the captured decode step at batch 8 and 64 split into the engine's
+host work before the replay, the replay on the device (CUDA events) and the rest; the kernels of
+one replayed step (torch profiler, sorted by device time); then one run of W-sample 64, W-shared 256
+and W-beam-batch under the profiler: wall time, device-busy time, and the top host and device ops.
+
+    python bench/profile_gpu.py --out $OUT/profile.json [--model M1] [--only W-shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_e2e import HI, build_model  # noqa: E402
+from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+
+
+def decode_breakdown(engine: Engine, batch: int, context: int, steps: int = 30) -> dict:
+    """Per step: engine host work before the replay, the replay's device time, total wall time."""
+    gen = torch.Generator().manual_seed(batch)
+    tables = [engine.add(torch.randint(3, HI, (context,), generator=gen).tolist()) for _ in range(batch)]
+    graphs = engine.graphs
+    marks: dict[str, float] = {}
+    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    original = graphs.run
+
+    def timed_run(*args):  # splits the step at the replay without changing what it does
+        marks["host_ready"] = time.perf_counter()
+        n = len(args[0])
+        size = next(b for b in graphs.buckets if b >= n)
+        if size not in graphs.graphs:
+            graphs._capture(size)
+        graph, _ = graphs.graphs[size]
+        replay = graph.replay
+
+        def recorded():
+            start_event.record()
+            replay()
+            end_event.record()
+
+        graph.replay = recorded
+        try:
+            return original(*args)
+        finally:
+            del graph.replay
+
+    graphs.run = timed_run
+    rows = {"host_ms": [], "replay_device_ms": [], "step_ms": []}
+    try:
+        engine.prefill(tables)
+        for i in range(steps + 3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.decode(tables, [5] * batch)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            if i >= 3:
+                rows["host_ms"].append((marks["host_ready"] - t0) * 1e3)
+                rows["replay_device_ms"].append(start_event.elapsed_time(end_event))
+                rows["step_ms"].append((t1 - t0) * 1e3)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.decode(tables, [5] * batch)
+            torch.cuda.synchronize()
+        kernels = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()
+                   if e.device_time_total > 0]
+        kernels.sort(key=lambda k: -k[1])
+    finally:
+        graphs.run = original
+        for t in tables:
+            engine.free(t)
+    out = {k: statistics.median(v) for k, v in rows.items()}
+    out["batch"] = batch
+    out["kernels_us_per_step"] = [(name[:90], round(us, 2), count) for name, us, count in kernels[:40]]
+    out["kernel_sum_us"] = sum(us for _, us, _ in kernels)
+    return out
+
+
+def profile_workload(name: str, engine: Engine, prompts, strategy) -> dict:
+    strategy.run(prompts if len(prompts) > 1 else prompts[0])  # warm
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        strategy.run(prompts if len(prompts) > 1 else prompts[0])
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_total = sum(e.self_device_time_total for e in events) / 1e3
+    top_device = sorted(events, key=lambda e: -e.self_device_time_total)[:25]
+    top_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+    t1 = time.perf_counter()
+    strategy.run(prompts if len(prompts) > 1 else prompts[0])
+    torch.cuda.synchronize()
+    return {
+        "workload": name, "profiled_wall_s": wall, "unprofiled_wall_s": time.perf_counter() - t1,
+        "device_busy_ms": device_total,
+        "top_device_ms": [(e.key[:90], round(e.self_device_time_total / 1e3, 2), e.count) for e in top_device],
+        "top_host_ms": [(e.key[:90], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in top_host],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="profile_gpu.json")
+    parser.add_argument("--model", default="M1")
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model(args.model, device, torch.bfloat16)
+    engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30)
+    report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "commit": os.environ.get("COMMIT", "unknown"), "model": args.model, "decode": [],
+              "workloads": []}
+    for batch in (8, 64):
+        row = decode_breakdown(engine, batch, 512)
+        report["decode"].append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, HI, (512,), generator=gen).tolist()
+    common = dict(max_new_tokens=128, min_new_tokens=128)
+    system = torch.randint(3, HI, (1024,), generator=gen).tolist()
+    shared = [system + torch.randint(3, HI, (64,), generator=gen).tolist() for _ in range(256)]
+    batch_prompts = [torch.randint(3, HI, (512,), generator=gen).tolist() for _ in range(16)]
+    workloads = [
+        ("W-sample n=64", [prompt], ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common)),
+        ("W-shared 256", shared, Greedy(engine, **common)),
+        ("W-beam k=8", [prompt], BeamSearch(engine, num_beams=8, **common)),
+        ("W-beam-batch 16x8", batch_prompts, BeamSearch(engine, num_beams=8, **common)),
+    ]
+    for name, prompts, strategy in workloads:
+        if args.only and args.only not in name:
+            continue
+        row = profile_workload(name, engine, prompts, strategy)
+        report["workloads"].append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
