@@ -266,6 +266,28 @@ class BlockAllocator:
         for index in range(old // bs, new // bs):
             self._register_full_block(table, index)
 
+    def append_tokens(self, tables: list[BlockTable], token_ids: list[int]) -> list[int]:
+        """A decode step's bookkeeping: append one token to each table (in order, exactly as
+        `append(table, [token])` would) and return each new token's KV slot.
+
+        The common case, a token landing in a partial last block the table holds alone, takes a
+        few list operations; everything else goes through `append`. Check the step's needs first
+        (`blocks_needed_for_step`): a KVCacheFull here leaves the earlier tables appended."""
+        bs, ref_counts, live = self.block_size, self.ref_counts, self.tables
+        slots = []
+        for table, token in zip(tables, token_ids, strict=True):
+            old = len(table.token_ids)
+            offset = old % bs
+            if offset and ref_counts[table.block_ids[-1]] == 1 and live.get(id(table)) is table:
+                table.token_ids.append(token)
+                slots.append(table.block_ids[-1] * bs + offset)
+                if offset == bs - 1:  # the block is now full: hash it for prefix reuse
+                    self._register_full_block(table, old // bs)
+            else:
+                self.append(table, [token])
+                slots.append(table.block_ids[old // bs] * bs + offset)
+        return slots
+
     def mark_computed(self, table: BlockTable) -> None:
         """Record that the KV of all of `table`'s tokens has been written (after a forward)."""
         full = len(table.token_ids) // self.block_size

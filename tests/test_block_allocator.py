@@ -1014,3 +1014,49 @@ def test_long_random_run():
     assert counts["allocate_full"] > 0 and counts["append_full"] > 0
     assert counts["prefix_hit"] > 0 and sim.copies > 0
     assert counts["free"] > 100 and counts["step"] > 100 and counts["decode"] > 100
+
+
+def test_append_tokens_equals_append_then_slot_mapping():
+    """The decode step's batched append gives the same tables, slots, copies, hashes and free
+    lists as appending token by token, through forks, shared partial blocks and full blocks."""
+    rng = random.Random(7)
+    for trial in range(40):
+        block_size = rng.choice([1, 2, 4, 8])
+        pair = [BlockAllocator(num_blocks=400, block_size=block_size) for _ in range(2)]
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, 12))]
+        tables = [[a.allocate(prompt)] for a in pair]
+        for _ in range(rng.randint(1, 30)):
+            if rng.random() < 0.3:  # fork a random table in both allocators
+                i = rng.randrange(len(tables[0]))
+                for a, ts in zip(pair, tables):
+                    ts.append(a.fork(ts[i]))
+            if rng.random() < 0.1 and len(tables[0]) > 1:
+                i = rng.randrange(len(tables[0]))
+                for a, ts in zip(pair, tables):
+                    a.free(ts.pop(i))
+            tokens = [rng.randrange(50) for _ in tables[0]]
+            expected = []
+            for table, token in zip(tables[0], tokens):
+                pair[0].append(table, [token])
+                expected.append(pair[0].slot_mapping(table, table.num_tokens - 1, table.num_tokens)[0])
+            assert pair[1].append_tokens(tables[1], tokens) == expected
+            for a, b in zip(tables[0], tables[1]):
+                assert (a.block_ids, a.token_ids) == (b.block_ids, b.token_ids)
+            assert pair[0].take_copies() == pair[1].take_copies()
+            assert pair[0].block_hashes == pair[1].block_hashes
+            assert list(pair[0].free_block_ids) == list(pair[1].free_block_ids)
+            for a in pair:
+                for table in (tables[0] if a is pair[0] else tables[1]):
+                    a.mark_computed(table)
+                a.check()
+
+
+def test_append_tokens_rejects_a_freed_table_and_mismatched_lengths():
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    table = allocator.allocate([1, 2, 3])
+    allocator.free(table)
+    with pytest.raises(ValueError, match="not live"):
+        allocator.append_tokens([table], [5])
+    live = allocator.allocate([1, 2, 3])
+    with pytest.raises(ValueError):
+        allocator.append_tokens([live], [5, 6])
