@@ -239,8 +239,9 @@ if HAS_TRITON:
                       qk_scale, softcap, window,
                       BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      DOT_F32: tl.constexpr):
-        """Online softmax over key tiles [tile_lo, tile_hi) of one sequence (log2 domain)."""
+                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr):
+        """Online softmax over key tiles [tile_lo, tile_hi) of one sequence (log2 domain).
+        K_ROWS loads K as [N, D] rows (like V) and transposes it in the dot, else as [D, N]."""
         offs_n = tl.arange(0, TILE_N)
         for t in range(tile_lo, tile_hi):
             kpos = t * TILE_N + offs_n
@@ -249,8 +250,12 @@ if HAS_TRITON:
             off = (kpos % BS).to(tl.int64)
             k_off = blk * stride_kb + off * stride_kt
             v_off = blk * stride_vb + off * stride_vt
-            kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
-                         mask=kmask[None, :] & d_mask[:, None], other=0.0)      # [D, N]
+            if K_ROWS:
+                kt = tl.trans(tl.load(k_base + k_off[:, None] + offs_d[None, :],
+                                      mask=kmask[:, None] & d_mask[None, :], other=0.0))  # [N, D]^T
+            else:
+                kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
+                             mask=kmask[None, :] & d_mask[:, None], other=0.0)      # [D, N]
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :],
                         mask=kmask[:, None] & d_mask[None, :], other=0.0)      # [N, D]
             if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
@@ -288,6 +293,7 @@ if HAS_TRITON:
         D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+        K_ROWS: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -342,7 +348,7 @@ if HAS_TRITON:
             acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, bt_row, tile_lo, tile_hi,
             kv_lo, kv_hi, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb,
             stride_vt, qk_scale, softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, True, PREC,
-            DOT_F32)
+            DOT_F32, K_ROWS)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -439,7 +445,7 @@ def _launch_merge(pacc, plse, out, num_splits, d, d_pad):
 def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, *, kv_start=None, pacc=None,
                   plse=None, split_offset=0, block_q=None, tile_n=None, num_warps=None,
-                  num_stages=None):
+                  num_stages=None, k_rows=None):
     """Launch the unified kernel. With num_splits > 1 or kv_start it writes partials (pacc/plse)."""
     t, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
@@ -453,6 +459,10 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
     block_m = max(16, block_q * g_pad)
     if tile_n is None:
         tile_n = _tile_n(d_pad, block_m)
+    if k_rows is None:
+        # K as [N, D] rows: faster at head_dim 64 on the H100 (up to 14%, never slower), mixed at
+        # 128 (faster for a shared prefix, 16% slower at batch 32 x 4k): NOTES-kernels.md
+        k_rows = d_pad <= 64
     tile_n = max(16, tile_n)
     n_qblocks = t if block_q == 1 else t // block_q + s
     prec = "ieee" if query.dtype == torch.float32 else None
@@ -477,7 +487,7 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, D=d, D_PAD=d_pad, BS=bs,
         TILE_N=tile_n, NUM_SPLITS=num_splits, HAS_KV_START=kv_start is not None,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, PREC=prec,
-        DOT_F32=_dot_f32(query.dtype), num_warps=num_warps, **extra)
+        DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, num_warps=num_warps, **extra)
 
 
 def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
@@ -506,7 +516,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     split over ``num_splits`` programs (chosen from S, Hkv and the optional python-int hint
     ``max_context_len``, or given) and merged by log-sum-exp. No host sync: safe to capture in a
     CUDA graph as long as shapes and python arguments stay the same. ``_config`` (dict of
-    block_q, tile_n, num_warps, num_stages) is for benchmarks.
+    block_q, tile_n, num_warps, num_stages, k_rows) is for benchmarks.
     """
     _check_common(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
                   softcap, _KERNEL_DTYPES)
