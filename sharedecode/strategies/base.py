@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -201,13 +202,20 @@ class Strategy:
 
     def run(self, prompt) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string or token ids) or a batch (a list of them)."""
-        for _ in self.stream(prompt):
+        for _ in self.steps(prompt):
             pass
         return self.last_results
 
     def stream(self, prompt) -> Iterator[list]:
         """Run step by step, yielding the requests' current state (`request.snapshot()` each) after
         every step; `self.last_results` holds the results when the iteration ends."""
+        with closing(self.steps(prompt)) as steps:  # stopping early frees the blocks at once
+            for requests in steps:
+                yield [r.snapshot() for r in requests]
+
+    def steps(self, prompt) -> Iterator[list[Request]]:
+        """Run step by step, yielding the requests after every step (`run` takes no snapshots:
+        copying every sequence's tokens each step grows with the square of the length)."""
         prompts, is_batch = self.split_batch(prompt)
         requests = [self.make_request(ids) for ids in prompts]
         stats = GenerationStats()
@@ -215,7 +223,7 @@ class Strategy:
         steps = scheduler.iterate(requests)
         try:
             for _ in steps:
-                yield [r.snapshot() for r in requests]
+                yield requests
         finally:  # frees the requests' blocks now, not when the garbage collector gets to `steps`
             steps.close()
         results = [GenerationResult(r.prompt, r.results(), stats) for r in requests]

@@ -150,9 +150,9 @@ class ParallelSampling(Strategy):
         self._requests_made += 1
         return SampleRequest(prompt_ids, self, seed)
 
-    def stream(self, prompt):
+    def steps(self, prompt):
         self._requests_made = 0
-        yield from super().stream(prompt)
+        yield from super().steps(prompt)
 
 
 class Greedy(ParallelSampling):

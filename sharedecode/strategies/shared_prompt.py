@@ -50,12 +50,13 @@ class SharedPromptBatch:
         return system + self.strategy.encode(user_prompt)
 
     def run(self, user_prompts: list) -> list[GenerationResult]:
-        for _ in self.stream(user_prompts):
-            pass
+        self.strategy.run(self._prompts(user_prompts))
         return self.strategy.last_results
 
     def stream(self, user_prompts: list):
+        yield from self.strategy.stream(self._prompts(user_prompts))
+
+    def _prompts(self, user_prompts: list) -> list[list[int]]:
         if not isinstance(user_prompts, (list, tuple)) or not user_prompts:
             raise TypeError("user_prompts must be a non-empty list of strings or token-id lists")
-        prompts = [self.build_prompt(p) for p in user_prompts]
-        yield from self.strategy.stream(prompts)
+        return [self.build_prompt(p) for p in user_prompts]
