@@ -25,6 +25,8 @@ from sharedecode.kernels.paged_attention import paged_attention, paged_attention
 
 HQ, HKV, D, BS, LAYERS = 32, 8, 64, 16, 16
 CASES = [(1, 535), (8, 535), (8, 1100), (64, 535), (64, 1100), (128, 640), (256, 1100)]
+# --head-dim 128: the small W-kernel cases, where the split count decides (bench_kernels.py)
+CASES_128 = [(1, 512), (1, 4096), (8, 512), (8, 4096), (32, 512), (16, 1024)]
 
 
 def make_layers(batch: int, ctx: int, device) -> tuple[list, torch.Tensor, torch.Tensor, list]:
@@ -64,7 +66,10 @@ def time_graph(fn, repeats: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="decode_attention.json")
+    parser.add_argument("--head-dim", type=int, default=64)
     args = parser.parse_args()
+    global D
+    D = args.head_dim
     device = torch.device("cuda")
     torch.manual_seed(0)
     variants = {"auto": {}}
@@ -72,9 +77,11 @@ def main() -> None:
         variants[f"s{splits}_t{tile}{'_rows' if rows else ''}"] = dict(
             num_splits=splits, _config={"tile_n": tile, "k_rows": rows})
     variants["auto_rows"] = dict(_config={"k_rows": True})
+    for splits in (16, 32):
+        variants[f"s{splits}_t64"] = dict(num_splits=splits, _config={"tile_n": 64})
     report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "shapes": dict(Hq=HQ, Hkv=HKV, D=D, block_size=BS, layers=LAYERS), "cases": []}
-    for batch, ctx in CASES:
+    for batch, ctx in CASES if D == 64 else CASES_128:
         pools, tables, context, queries = make_layers(batch, ctx, device)
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
         ref = paged_attention_torch(queries[0].float(), pools[0][0].float(), pools[0][1].float(), tables,
