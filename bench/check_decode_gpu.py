@@ -1,6 +1,16 @@
-"""GPU check: engine decode logits (torch backend, Triton eager, Triton + CUDA graphs) against the
-model's own forward, fp32 and bf16, several batch sizes. Prints relative L2 errors per step."""
+"""GPU check: engine decode logits against the model's own forward, fp32 and bf16.
 
+plain: the torch backend, Triton eager, Triton + CUDA graphs (with and without torch.compile), several
+batch sizes; prints relative L2 errors per step.
+shared: the shared-prefix cascade in the decode step (Triton eager, CUDA graphs, compiled CUDA graphs)
+on the workloads where groups appear: 6 beams forked from one prompt (a padded bucket), 64 samples of
+one prompt, 256 requests sharing a cached 1024-token system prompt, 16 prompts x 8 beams. Checks that
+every step took the cascade (eager) or a group graph (graphs), and exits 1 on any mismatch.
+
+    python bench/check_decode_gpu.py [--only plain|shared]
+"""
+
+import argparse
 import sys
 from pathlib import Path
 
@@ -8,9 +18,25 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sharedecode.kernels.paged_attention as pa  # noqa: E402
+import sharedecode.kernels.shared_prefix as sp  # noqa: E402
 from sharedecode import Engine  # noqa: E402
 
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # max relative L2 error of a step's logits
 
+
+def make_model(dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).to("cuda", dtype).eval()
+
+
+def rel_l2(out, ref):
+    return float((out - ref).norm() / ref.norm())
+
+
+# ------------------------------------------------------------------------------ plain decode
 def check(model, backend, graphs, batch, dtype, splits=None, compile=True):
     engine = Engine(model, backend=backend, kv_cache_bytes=2**30, cuda_graphs=graphs, compile=compile)
     if graphs:
@@ -29,29 +55,131 @@ def check(model, backend, graphs, batch, dtype, splits=None, compile=True):
             full = prompt + [tokens[b] for tokens in steps]
             ref = model(torch.tensor([full], device="cuda")).logits[0, len(prompt) - 1:].float()
             for step, out in enumerate(outs):
-                errors.append(float((out[b] - ref[step]).norm() / ref[step].norm()))
+                errors.append(rel_l2(out[b], ref[step]))
     engine.free_all()
     return max(errors[::5]), max(e for i, e in enumerate(errors) if i % 5)
 
 
-import sharedecode.kernels.paged_attention as pa  # noqa: E402
+def check_plain():
+    choose = pa.choose_num_splits
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(dtype)
+        for name, backend, graphs, splits, forced, compile in (
+                ("triton eager", "triton", False, None, None, False),
+                ("eager forced 32 splits", "triton", False, None, 32, False),
+                ("eager forced 4 splits", "triton", False, None, 4, False),
+                ("graphs 1 split", "triton", True, 1, None, False),
+                ("graphs 4 splits", "triton", True, 4, None, False),
+                ("graphs auto", "triton", True, None, None, False),
+                ("compiled graphs auto", "triton", True, None, None, True),
+                ("compiled graphs 4 splits", "triton", True, 4, None, True)):
+            pa.choose_num_splits = (lambda *a, n=forced, **k: n) if forced else choose
+            for batch in (1, 8):
+                prefill_err, decode_err = check(model, backend, graphs, batch, dtype, splits, compile)
+                print(f"{str(dtype):15s} {name:24s} batch={batch}: prefill {prefill_err:.2e} "
+                      f"decode {decode_err:.2e}", flush=True)
+    pa.choose_num_splits = choose
 
-choose = pa.choose_num_splits
-for dtype in (torch.float32, torch.bfloat16):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048)
-    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
-    for name, backend, graphs, splits, forced, compile in (
-            ("triton eager", "triton", False, None, None, False),
-            ("eager forced 32 splits", "triton", False, None, 32, False),
-            ("eager forced 4 splits", "triton", False, None, 4, False),
-            ("graphs 1 split", "triton", True, 1, None, False), ("graphs 4 splits", "triton", True, 4, None, False),
-            ("graphs auto", "triton", True, None, None, False),
-            ("compiled graphs auto", "triton", True, None, None, True),
-            ("compiled graphs 4 splits", "triton", True, 4, None, True)):
-        pa.choose_num_splits = (lambda *a, n=forced, **k: n) if forced else choose
-        for batch in (1, 8):
-            prefill_err, decode_err = check(model, backend, graphs, batch, dtype, splits, compile)
-            print(f"{str(dtype):15s} {name:24s} batch={batch}: prefill {prefill_err:.2e} decode {decode_err:.2e}",
-                  flush=True)
+
+# ------------------------------------------------------------------------------ shared prefixes
+def scenario(engine, name, gen):
+    """(tables, token lists) after prefill, for one workload where decode groups appear."""
+    def prompt(n):
+        return torch.randint(3, 250, (n,), generator=gen).tolist()
+
+    if name in ("6 beams", "64 samples"):
+        root = engine.add(prompt(300 if name == "6 beams" else 517))
+        engine.prefill([root])
+        tables = [root] + [engine.fork(root) for _ in range(5 if name == "6 beams" else 63)]
+    elif name == "256 x system prompt":
+        system = prompt(1024)
+        tables = [engine.add(system + prompt(int(n))) for n in torch.randint(64, 128, (256,), generator=gen)]
+        engine.prefill(tables)
+        assert all(t.num_cached_tokens >= 1024 for t in tables[1:]), "system prompt not reused"
+    else:  # 16 prompts x 8 beams
+        roots = [engine.add(prompt(int(n))) for n in torch.randint(100, 400, (16,), generator=gen)]
+        engine.prefill(roots)
+        tables = [t for r in roots for t in [r] + [engine.fork(r) for _ in range(7)]]
+    return tables, [list(t.token_ids) for t in tables]
+
+
+SCENARIOS = {"6 beams": 1, "64 samples": 1, "256 x system prompt": 1, "16 x 8 beams": 16}  # -> groups
+
+
+def run_scenario(engine, name, steps=4):
+    """Decode `steps` steps with distinct tokens per sequence; returns (sequences, step logits,
+    how many steps took the cascade)."""
+    gen = torch.Generator().manual_seed(1)
+    tables, seqs = scenario(engine, name, gen)
+    took_cascade = 0
+    keys = []
+    if engine.graphs is not None:
+        stage = engine.graphs.stage
+        engine.graphs.stage = lambda *a: keys.append(stage(*a)) or keys[-1]
+    calls = []
+    original = sp.shared_prefix_decode
+    sp.shared_prefix_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    outs = []
+    try:
+        for _ in range(steps):
+            tokens = torch.randint(3, 250, (len(tables),), generator=gen).tolist()
+            groups = sp.group_shared_prefixes([t.block_ids for t in tables],
+                                              [t.num_tokens + 1 for t in tables], engine.block_size)
+            assert len(groups) == SCENARIOS[name], (name, len(groups))
+            before = len(calls)
+            outs.append(engine.decode(tables, tokens))
+            for seq, token in zip(seqs, tokens):
+                seq.append(token)
+            took_cascade += bool(keys and keys[-1].chunks) if engine.graphs else len(calls) > before
+    finally:
+        sp.shared_prefix_decode = original
+        if engine.graphs is not None:
+            del engine.graphs.stage
+        engine.free_all()
+    return seqs, outs, took_cascade
+
+
+def reference(model, seqs, steps):
+    """[steps, S, V] logits of the model's own forward at each decode step."""
+    out = []
+    with torch.inference_mode():
+        for seq in seqs:
+            out.append(model(torch.tensor([seq], device=model.device)).logits[0, -steps:].float())
+    return torch.stack(out, 1)
+
+
+def check_shared() -> bool:
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(dtype)
+        refs = {}
+        for mode, graphs, compile in (("triton eager", False, False), ("graphs", True, False),
+                                      ("compiled graphs", True, True)):
+            engine = Engine(model, backend="triton", kv_cache_bytes=2**30, cuda_graphs=graphs,
+                            compile=compile)
+            for name in SCENARIOS:
+                seqs, outs, took = run_scenario(engine, name)
+                if name not in refs:
+                    refs[name] = reference(model, seqs, len(outs))
+                err = max(rel_l2(out[b], refs[name][step, b])
+                          for step, out in enumerate(outs) for b in range(out.shape[0]))
+                good = err <= TOLERANCE[dtype] and took == len(outs)
+                ok &= good
+                print(f"{str(dtype):15s} shared prefix, {mode:16s} {name:20s}: decode {err:.2e}, "
+                      f"cascade in {took}/{len(outs)} steps {'ok' if good else 'MISMATCH'}", flush=True)
+            if engine.graphs is not None:
+                print(f"{'':15s} graphs captured: {sorted(engine.graphs.graphs)}", flush=True)
+            del engine
+            torch.cuda.empty_cache()
+    return ok
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("plain", "shared"))
+    args = parser.parse_args()
+    if args.only != "shared":
+        check_plain()
+    if args.only != "plain" and not check_shared():
+        print("shared-prefix decode: MISMATCH", flush=True)
+        sys.exit(1)

@@ -491,9 +491,10 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
 
 
 def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
-                      min_tokens_per_split=256, max_splits=32):
+                      min_tokens_per_split=64, max_splits=32):
     """Split-KV factor for a decode batch: enough programs to fill the GPU twice, capped so each
-    split keeps at least ``min_tokens_per_split`` keys when ``max_context_len`` is known."""
+    split keeps at least ``min_tokens_per_split`` keys when ``max_context_len`` is known (64:
+    measured best on the H100 for batch 1-8 at 512 keys, where 256 left the GPU idle)."""
     programs = max(1, num_seqs * num_kv_heads)
     target = 2 * _num_sms(device)
     n = min(max_splits, max(1, -(-target // programs)))

@@ -14,12 +14,17 @@ row tile (default 64 rows = group members x the GQA heads of one KV head; chunks
 members) against one split of the group's shared prefix, so the prefix is read from memory once
 per KV head, not once per sequence, and the splits fill the GPU; its other programs attend each
 sequence to its own keys (from its prefix length on; sequences in no group: all keys). A second
-small kernel merges the fp32 partials. No host sync and no fill: CUDA-graph safe for fixed groups.
-Computes the same function as ``paged_attention`` on decode batches.
+small kernel merges the fp32 partials. No host sync and no fill: CUDA-graph safe. The prefix
+splits are cut in-kernel from each chunk's runtime prefix length and padding chunks (count 0) exit
+at once, so a launch whose config comes from the shapes alone (a PrefixGroups with
+``max_prefix_len=None``, its tensors refilled in place every step) can be captured once and replayed
+for any groups within its capacity. Computes the same function as ``paged_attention`` on decode
+batches. Host-side grouping of Python block-id lists (the engine's): ``group_shared_prefixes``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -32,7 +37,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["PrefixGroups", "find_prefix_groups", "shared_prefix_decode",
+__all__ = ["PrefixGroups", "GroupLayout", "find_prefix_groups", "group_shared_prefixes",
+           "layout_groups", "prefix_groups_to_device", "shared_prefix_decode",
            "shared_prefix_decode_torch"]
 
 
@@ -42,10 +48,14 @@ class PrefixGroups:
 
     Device tensors (int32): ``members`` [M] sequence ids, grouped; ``chunk_start`` [C] offset into
     ``members`` of each chunk (a chunk = up to members_per_chunk members of one group; the kernel
-    cuts its rows into row tiles); ``chunk_count`` [C]; ``chunk_prefix_len`` [C] shared tokens of the chunk's group;
-    ``seq_prefix_len`` [S] shared tokens of each sequence (0 if in no group).
-    Python: ``groups`` list of (member ids, shared blocks); ``members_per_chunk``;
-    ``max_prefix_len`` and ``max_suffix_len`` (tokens) for choosing split counts.
+    cuts its rows into row tiles); ``chunk_count`` [C] (0: a padding chunk, whose programs exit at
+    once); ``chunk_prefix_len`` [C] shared tokens of the chunk's group; ``seq_prefix_len`` [S]
+    shared tokens of each sequence (0 if in no group).
+    Python: ``groups`` list of (member ids, shared blocks), None for a capacity-padded layout whose
+    tensors are refilled every step (CUDA graphs); ``members_per_chunk``; ``max_chunk_members``
+    (the launch's rows per chunk: a capacity, >= every chunk's count); ``max_prefix_len`` and
+    ``max_suffix_len`` (tokens) for choosing split counts, None when unknown at launch time (the
+    split counts then follow from the shapes alone, so the launch is the same for any lengths).
     """
 
     members: torch.Tensor
@@ -53,28 +63,107 @@ class PrefixGroups:
     chunk_count: torch.Tensor
     chunk_prefix_len: torch.Tensor
     seq_prefix_len: torch.Tensor
-    groups: list
+    groups: list | None
     members_per_chunk: int
-    max_prefix_len: int
-    max_suffix_len: int
+    max_chunk_members: int
+    max_prefix_len: int | None
+    max_suffix_len: int | None
 
     @property
     def num_chunks(self) -> int:
         return int(self.chunk_start.shape[0])
 
+
+@dataclass
+class GroupLayout:
+    """The flat host-side lists behind PrefixGroups' tensors (see there), before any padding."""
+
+    members: list[int]
+    chunk_start: list[int]
+    chunk_count: list[int]
+    chunk_prefix_len: list[int]
+    seq_prefix_len: list[int]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_start)
+
     @property
     def max_chunk_members(self) -> int:
-        return max([0] + [min(self.members_per_chunk, len(m)) for m, _ in self.groups])
+        return max(self.chunk_count, default=0)
+
+
+def group_shared_prefixes(block_ids: Sequence[Sequence[int]], context_lens: Sequence[int],
+                          block_size: int, min_group: int = 2) -> list[tuple[tuple[int, ...], int]]:
+    """Groups of sequences whose leading block ids are identical: [(member ids, shared blocks)].
+
+    block_ids: each sequence's block ids (entries past its full blocks never change the result:
+    padded tensor rows are fine). Sequences are bucketed by their first
+    block id; a bucket of >= ``min_group`` sequences shares the longest common run of leading
+    block ids, capped at the smallest member's number of full blocks (context_len // block_size:
+    every shared key is then valid for every member). The common run of a bucket is that of its
+    lexicographically smallest and largest rows (all rows between them agree where those two do),
+    so the cost is a few C-level list comparisons per bucket, not a Python loop over all blocks.
+    """
+    buckets: dict[int, list[int]] = {}
+    for i, (ids, ctx) in enumerate(zip(block_ids, context_lens)):
+        if ctx >= block_size and len(ids):
+            buckets.setdefault(ids[0], []).append(i)
+    groups = []
+    for members in buckets.values():
+        if len(members) < min_group:
+            continue
+        rows = [block_ids[i] for i in members]
+        full = min(min(context_lens[i] for i in members) // block_size, min(map(len, rows)))
+        lo, hi = min(rows), max(rows)
+        shared = 1
+        while shared < full and lo[shared] == hi[shared]:
+            shared += 1
+        groups.append((tuple(members), shared))
+    return groups
+
+
+def layout_groups(groups: Sequence[tuple[tuple[int, ...], int]], num_seqs: int, block_size: int,
+                  members_per_chunk: int = 64) -> GroupLayout:
+    """Cut groups into chunks of at most ``members_per_chunk`` members, as flat lists."""
+    members, cstart, ccount, cplen = [], [], [], []
+    seq_plen = [0] * num_seqs
+    for mem, nblk in groups:
+        base = len(members)
+        members.extend(mem)
+        for j in range(0, len(mem), members_per_chunk):
+            cstart.append(base + j)
+            ccount.append(min(members_per_chunk, len(mem) - j))
+            cplen.append(nblk * block_size)
+        for i in mem:
+            seq_plen[i] = nblk * block_size
+    return GroupLayout(members, cstart, ccount, cplen, seq_plen)
+
+
+def prefix_groups_to_device(groups: Sequence[tuple[tuple[int, ...], int]],
+                            context_lens: Sequence[int], block_size: int, device: torch.device,
+                            members_per_chunk: int = 64) -> PrefixGroups:
+    """PrefixGroups (tensors on ``device``) of groups from group_shared_prefixes."""
+    lay = layout_groups(groups, len(context_lens), block_size, members_per_chunk)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int32).to(device)
+
+    return PrefixGroups(
+        members=t(lay.members), chunk_start=t(lay.chunk_start), chunk_count=t(lay.chunk_count),
+        chunk_prefix_len=t(lay.chunk_prefix_len), seq_prefix_len=t(lay.seq_prefix_len),
+        groups=list(groups), members_per_chunk=members_per_chunk,
+        max_chunk_members=lay.max_chunk_members, max_prefix_len=max(lay.chunk_prefix_len, default=0),
+        max_suffix_len=max((c - p for c, p in zip(context_lens, lay.seq_prefix_len)), default=0))
 
 
 def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, members_per_chunk=64):
     """Group sequences whose leading block ids are identical (host-side, one sync).
 
     block_tables [S, max_blocks] int32; context_lens [S] int32 (tokens incl. the current one).
-    Sequences are bucketed by their first block id; a bucket of >= ``min_group`` sequences shares
-    the longest common run of leading block ids, counted in whole blocks and capped at the
-    smallest member's number of full blocks (so every shared key is valid for every member).
-    Returns a PrefixGroups whose tensors live on block_tables' device.
+    The groups are those of group_shared_prefixes (bucketed by first block id, shared blocks
+    capped at the smallest member's full blocks). Returns a PrefixGroups whose tensors live on
+    block_tables' device.
     """
     if not isinstance(block_tables, torch.Tensor) or not isinstance(context_lens, torch.Tensor):
         raise TypeError("block_tables and context_lens must be tensors")
@@ -87,45 +176,9 @@ def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, memb
         raise ValueError(f"min_group must be an int >= 2, got {min_group!r}")
     if not isinstance(members_per_chunk, int) or members_per_chunk < 1:
         raise ValueError(f"members_per_chunk must be a positive int, got {members_per_chunk!r}")
-    s = block_tables.shape[0]
-    bt = block_tables.tolist()
     ctx = context_lens.tolist()
-    full = [min(c // block_size, len(bt[0]) if s else 0) for c in ctx]
-    buckets: dict[int, list[int]] = {}
-    for i in range(s):
-        if full[i] >= 1:
-            buckets.setdefault(bt[i][0], []).append(i)
-    groups = []
-    for mem in buckets.values():
-        if len(mem) < min_group:
-            continue
-        n = min(full[i] for i in mem)
-        lead = bt[mem[0]]
-        k = 1
-        while k < n and all(bt[i][k] == lead[k] for i in mem):
-            k += 1
-        groups.append((tuple(mem), k))
-    members, cstart, ccount, cplen = [], [], [], []
-    seq_plen = [0] * s
-    for mem, nblk in groups:
-        base = len(members)
-        members.extend(mem)
-        for j in range(0, len(mem), members_per_chunk):
-            cstart.append(base + j)
-            ccount.append(min(members_per_chunk, len(mem) - j))
-            cplen.append(nblk * block_size)
-        for i in mem:
-            seq_plen[i] = nblk * block_size
-    dev = block_tables.device
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.int32).to(dev)
-
-    return PrefixGroups(
-        members=t(members), chunk_start=t(cstart), chunk_count=t(ccount),
-        chunk_prefix_len=t(cplen), seq_prefix_len=t(seq_plen), groups=groups,
-        members_per_chunk=members_per_chunk, max_prefix_len=max([0] + cplen),
-        max_suffix_len=max([0] + [ctx[i] - seq_plen[i] for i in range(s)]))
+    groups = group_shared_prefixes(block_tables.tolist(), ctx, block_size, min_group)
+    return prefix_groups_to_device(groups, ctx, block_size, block_tables.device, members_per_chunk)
 
 
 if HAS_TRITON:
@@ -397,10 +450,11 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          "suffix_warps": cfg.get("suffix_warps") or 4}
     if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
         base = groups.num_chunks * c["row_tiles"] * hkv
-        prefix_splits = max(1, min(-(-2 * _num_sms(device) // base),
-                                   -(-groups.max_prefix_len // 256), 64))
-        tiles = -(-groups.max_prefix_len // c["prefix_tile"])
-        prefix_splits = -(-tiles // -(-tiles // prefix_splits))  # no split left empty
+        prefix_splits = max(1, min(-(-2 * _num_sms(device) // base), 64))
+        if groups.max_prefix_len is not None:  # else: fixed by the shapes (CUDA graphs)
+            prefix_splits = max(1, min(prefix_splits, -(-groups.max_prefix_len // 256)))
+            tiles = -(-groups.max_prefix_len // c["prefix_tile"])
+            prefix_splits = -(-tiles // -(-tiles // prefix_splits))  # no split left empty
     if suffix_splits is None:
         suffix_splits = choose_num_splits(s, hkv, device, groups.max_suffix_len)
     for name, val in (("prefix_splits", prefix_splits), ("suffix_splits", suffix_splits)):
@@ -470,10 +524,10 @@ def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *,
     cache); groups from find_prefix_groups (computed here, with a host sync, if None).
     Returns out [S, Hq, D], the same as paged_attention on a decode batch.
 
-    Two launches, no host sync, no fill (CUDA-graph safe for fixed groups): one kernel whose
-    first programs attend the rows (members x GQA heads, up to 128 per program) of each group's
-    chunk to one split of the shared prefix, and whose other programs attend each sequence to
-    its own keys; then a merge by log-sum-exp. ``prefix_splits`` / ``suffix_splits`` override
+    Two launches, no host sync, no fill (CUDA-graph safe, see the module docstring): one kernel
+    whose first programs attend the rows (members x GQA heads, 64 per program by default) of each
+    group's chunk to one split of the shared prefix, and whose other programs attend each
+    sequence to its own keys; then a merge by log-sum-exp. ``prefix_splits`` / ``suffix_splits`` override
     the split counts, ``_config`` the tile sizes (benchmarks).
     """
     _check_common(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,

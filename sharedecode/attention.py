@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from sharedecode.kv_pool import KVPool
+
+if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_INTERPRET before that
+    from sharedecode.kernels.shared_prefix import PrefixGroups
 
 ATTENTION_NAME = "sharedecode_paged"
 BACKENDS = ("torch", "triton")
@@ -34,7 +37,7 @@ class PagedBatch:
     query_start_loc: torch.Tensor  # [S + 1] int32: cumulative new-token counts
     max_context_len: int
     is_decode: bool  # one new token per sequence
-    prefix_groups: object | None = None  # shared-prefix groups of a decode step (triton backend)
+    prefix_groups: PrefixGroups | None = None  # shared-prefix groups of a decode step (triton)
     num_splits: int | None = None  # split-KV factor for decode; None: the kernel chooses
 
 
@@ -62,16 +65,16 @@ def paged_attention_forward(
     k_cache, v_cache = batch.pool.layer(module.layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if batch.backend == "triton":
-        prefix_groups = None if sliding_window or softcap else batch.prefix_groups
-        if prefix_groups is None and torch.compiler.is_compiling():
+        # the cascade has no window or softcap: such layers take the plain kernel
+        groups = None if sliding_window or softcap else batch.prefix_groups
+        key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        if torch.compiler.is_compiling():
             # Opaque to torch.compile: the fused model code around it is compiled, the kernels run as is.
-            out = torch.ops.sharedecode.paged_attention_step(
-                q, key[0].transpose(0, 1), value[0].transpose(0, 1), batch.pool.tensor, module.layer_idx,
-                batch.slot_mapping, batch.block_tables, batch.context_lens, batch.query_start_loc,
-                float(scale), sliding_window, softcap, batch.max_context_len, batch.num_splits)
+            out = _compiled_step(q, key, value, batch, module.layer_idx, float(scale), sliding_window,
+                                 softcap, groups)
         else:
-            out = _triton_step(q, key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache,
-                               batch, scale, sliding_window, softcap, prefix_groups)
+            out = _triton_step(q, key, value, k_cache, v_cache, batch, scale, sliding_window, softcap,
+                               groups)
     else:
         from sharedecode.kernels.paged_attention import paged_attention_torch
 
@@ -83,8 +86,23 @@ def paged_attention_forward(
     return out.unsqueeze(0), None
 
 
+def _compiled_step(q, key, value, batch: PagedBatch, layer_idx: int, scale: float, sliding_window, softcap,
+                   groups: PrefixGroups | None) -> torch.Tensor:
+    """The step as one custom op per layer: the cascade when there are groups, else plain paged."""
+    if groups is None:
+        return torch.ops.sharedecode.paged_attention_step(
+            q, key, value, batch.pool.tensor, layer_idx, batch.slot_mapping, batch.block_tables,
+            batch.context_lens, batch.query_start_loc, scale, sliding_window, softcap,
+            batch.max_context_len, batch.num_splits)
+    return torch.ops.sharedecode.shared_prefix_step(
+        q, key, value, batch.pool.tensor, layer_idx, batch.slot_mapping, batch.block_tables,
+        batch.context_lens, groups.members, groups.chunk_start, groups.chunk_count,
+        groups.chunk_prefix_len, groups.seq_prefix_len, scale, groups.max_chunk_members,
+        batch.num_splits)
+
+
 def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, sliding_window, softcap,
-                 prefix_groups) -> torch.Tensor:
+                 prefix_groups: PrefixGroups | None) -> torch.Tensor:
     """Write the new keys/values into their slots, then attend through the block tables."""
     from sharedecode.kernels.kv_cache_ops import write_kv
 
@@ -93,7 +111,7 @@ def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, slid
         from sharedecode.kernels.shared_prefix import shared_prefix_decode
 
         return shared_prefix_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                                    scale=scale, groups=prefix_groups)
+                                    scale=scale, groups=prefix_groups, suffix_splits=batch.num_splits)
     from sharedecode.kernels.paged_attention import paged_attention
 
     return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
@@ -122,6 +140,37 @@ def _paged_attention_step(
 @_paged_attention_step.register_fake
 def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, query_start_loc,
       scale, sliding_window, softcap, max_context_len, num_splits):
+    return query.new_empty(query.shape)
+
+
+# Like paged_attention_step (no declared mutation, same reason). The group tensors are a
+# capacity-padded layout (see PrefixGroups): the launch config follows from their shapes and
+# max_chunk_members only, so the compiled step, and a CUDA graph of it, is valid for any groups that
+# fit the capacity.
+@torch.library.custom_op("sharedecode::shared_prefix_step", mutates_args=())
+def _shared_prefix_step(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_pool: torch.Tensor, layer_idx: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    members: torch.Tensor, chunk_start: torch.Tensor, chunk_count: torch.Tensor,
+    chunk_prefix_len: torch.Tensor, seq_prefix_len: torch.Tensor, scale: float, max_chunk_members: int,
+    num_splits: Optional[int],
+) -> torch.Tensor:
+    from sharedecode.kernels.shared_prefix import PrefixGroups
+
+    groups = PrefixGroups(members=members, chunk_start=chunk_start, chunk_count=chunk_count,
+                          chunk_prefix_len=chunk_prefix_len, seq_prefix_len=seq_prefix_len, groups=None,
+                          members_per_chunk=max_chunk_members, max_chunk_members=max_chunk_members,
+                          max_prefix_len=None, max_suffix_len=None)
+    batch = PagedBatch(pool=None, backend="triton", slot_mapping=slot_mapping, block_tables=block_tables,
+                       context_lens=context_lens, query_start_loc=None, max_context_len=None,
+                       is_decode=True, num_splits=num_splits)
+    return _triton_step(query, key, value, kv_pool[layer_idx, 0], kv_pool[layer_idx, 1], batch, scale,
+                        None, None, groups)
+
+
+@_shared_prefix_step.register_fake
+def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, members, chunk_start,
+      chunk_count, chunk_prefix_len, seq_prefix_len, scale, max_chunk_members, num_splits):
     return query.new_empty(query.shape)
 
 

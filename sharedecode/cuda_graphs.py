@@ -1,29 +1,133 @@
-"""Decode steps captured as CUDA graphs, one graph per batch-size bucket.
+"""Decode steps captured as CUDA graphs: one graph per batch-size bucket and group-capacity class.
 
 A decode step of a small model is dozens of short kernels per layer; launching them from Python
-costs more than running them. Each bucket's graph reads static input buffers (token ids, positions,
-slots, block tables, context lengths) and writes static logits; a step copies its inputs in,
-replays, and reads the first n rows. Padding rows write nowhere (slot -1) and attend to one token.
+costs more than running them. Each graph reads static input buffers (token ids, positions, slots,
+block tables, context lengths, shared-prefix groups) and writes static logits; a step fills one
+host staging buffer (pinned on CUDA) from its Python lists, copies it to the device in one
+non-blocking copy (block-table rows only where they changed since the previous step, then moved
+into the wide static table by one device-side index copy), replays, and reads the first n rows.
+Padding rows write nowhere (slot -1) and attend to one token.
+
+Shared prefixes: a step whose sequences form groups (found by the engine from the block tables)
+replays a graph whose attention is the shared-prefix cascade. The cascade's grid and tiles are fixed
+at capture from the bucket and a capacity class (chunks, members per chunk), each rounded up to a
+power of two; the group tensors are static buffers refilled every step (padding chunks have no
+members and their programs exit at once; the prefix splits are cut in-kernel from the runtime
+prefix lengths), so one graph serves every step whose groups fit its class. Graphs are keyed by
+GraphKey(bucket, chunks, chunk_members); chunks = 0 is the bucket's plain graph. Bound: one plain
+graph per bucket plus at most `max_group_graphs` group graphs in all (a class per bucket is one of
+log2(bucket) chunk counts x 6 member counts, 2..64; a workload uses one or two per bucket); a step
+needing a class beyond that bound replays its bucket's plain graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from sharedecode.attention import PagedBatch, paged_attention_enabled
 from sharedecode.fused_projections import ProjectionFuser
+from sharedecode.kernels.shared_prefix import GroupLayout, PrefixGroups, layout_groups
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MEMBERS_PER_CHUNK = 64  # the cascade's chunk size: also the largest member class
+
+
+class GraphKey(NamedTuple):
+    size: int  # batch bucket
+    chunks: int  # group chunks the captured cascade has room for; 0: plain paged attention
+    chunk_members: int  # members per chunk it has room for (its rows per KV head and chunk)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def capacity_class(layout: GroupLayout) -> tuple[int, int]:
+    """(chunks, members per chunk) of the graph that fits `layout`: powers of two, so that few
+    classes cover all group shapes."""
+    return _pow2(layout.num_chunks), max(2, _pow2(layout.max_chunk_members))
+
+
+def pack_groups(layout: GroupLayout, size: int, chunks: int) -> dict[str, list[int]]:
+    """A step's group buffers padded to a graph's capacity: rows past the batch share nothing,
+    chunks past the real ones have no members (their programs exit at once)."""
+    if layout.num_chunks > chunks or len(layout.seq_prefix_len) > size:
+        raise ValueError(f"groups of {layout.num_chunks} chunks over {len(layout.seq_prefix_len)} rows "
+                         f"do not fit a graph of {chunks} chunks and {size} rows")
+    pad = [0] * (chunks - layout.num_chunks)
+    return {"members": layout.members, "chunk_start": layout.chunk_start + pad,
+            "chunk_count": layout.chunk_count + pad, "chunk_prefix_len": layout.chunk_prefix_len + pad,
+            "seq_prefix_len": layout.seq_prefix_len + [0] * (size - len(layout.seq_prefix_len))}
+
+
+def flat_rows(tables: Sequence[list[int]], width: int) -> list[int]:
+    """Block-id rows zero-padded to `width`, as one flat list (converted to int32 in one pass)."""
+    flat: list[int] = []
+    zeros = [0] * width
+    for ids in tables:
+        flat += ids
+        flat += zeros[: width - len(ids)]
+    return flat
+
+
+class Staging:
+    """Named device buffers cut from one flat device buffer, and its host twin (pinned on CUDA).
+
+    A step writes its fields into the host views (numpy arrays: a Python list is converted in one C
+    pass, no torch op per field) and copies the used front of the buffer to the device in one
+    non-blocking copy. Before the host buffer is written again, `wait` blocks until that copy has
+    read it (an event; normally long done, since a step ends by reading its logits on the host).
+    """
+
+    def __init__(self, fields: dict[str, tuple[torch.dtype, int]], device: torch.device):
+        self.offsets: dict[str, int] = {}
+        nbytes = 0
+        for name, (dtype, count) in fields.items():
+            nbytes = -(-nbytes // 64) * 64  # aligned: Triton and inductor specialise on 16 bytes
+            self.offsets[name] = nbytes
+            nbytes += count * dtype.itemsize
+        on_cuda = device.type == "cuda"
+        self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+        self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, torch.Tensor] = {}
+        for name, (dtype, count) in fields.items():
+            span = slice(self.offsets[name], self.offsets[name] + count * dtype.itemsize)
+            self.host[name] = self._host[span].view(dtype).numpy()
+            self.device[name] = self._device[span].view(dtype)
+        self._copied = torch.cuda.Event() if on_cuda else None
+
+    def wait(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def copy_to_device(self, last: str, count: int) -> None:
+        """Copy every field before `last` and the first `count` elements of `last`."""
+        end = self.offsets[last] + count * self.host[last].itemsize
+        self._device[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
+def _put(dst: np.ndarray, values: Sequence[int], size: int, pad: int) -> None:
+    dst[: len(values)] = values
+    dst[len(values): size] = pad
 
 
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
-                 num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True):
+                 num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True,
+                 max_group_graphs: int = 32):
+        if not isinstance(max_group_graphs, int) or max_group_graphs < 0:
+            raise ValueError(f"max_group_graphs must be an int >= 0, got {max_group_graphs!r}")
         self.engine = engine
         self.num_splits = num_splits
+        self.max_group_graphs = max_group_graphs
         # torch.compile before capture fuses the model's norms, rotary and activations into fewer
         # kernels (the paged attention stays an opaque custom op); batch sizes after the first
         # bucket share one dynamic-shape compilation.
@@ -34,28 +138,45 @@ class DecodeGraphs:
         self.max_blocks = -(-max_context // engine.block_size)
         device = engine.device
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        i64, i32 = torch.int64, torch.int32
+        # groups have >= 2 members, so at most n // 2 chunks: n covers that count's power of two
+        self.staging = Staging({"input_ids": (i64, n), "positions": (i64, n), "slots": (i64, n),
+                                "context_lens": (i32, n), "seq_prefix_len": (i32, n), "members": (i32, n),
+                                "chunk_start": (i32, n), "chunk_count": (i32, n),
+                                "chunk_prefix_len": (i32, n), "changed_rows": (i64, n),
+                                "block_rows": (i32, n * self.max_blocks)}, device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self._rows_on_device: list[list[int] | None] = [None] * n  # what block_tables' rows hold
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None  # graph memory pool shared by all buckets
+        self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # graph memory pool shared by all graphs
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.max_batch and max_blocks <= self.max_blocks
 
-    def _batch(self, size: int) -> PagedBatch:
+    def _prefix_groups(self, key: GraphKey) -> PrefixGroups | None:
+        """The capacity-padded groups a graph reads: static buffers, launch config from the key."""
+        if not key.chunks:
+            return None
+        d = self.staging.device
+        return PrefixGroups(
+            members=d["members"][: key.size], chunk_start=d["chunk_start"][: key.chunks],
+            chunk_count=d["chunk_count"][: key.chunks], chunk_prefix_len=d["chunk_prefix_len"][: key.chunks],
+            seq_prefix_len=d["seq_prefix_len"][: key.size], groups=None, members_per_chunk=MEMBERS_PER_CHUNK,
+            max_chunk_members=key.chunk_members, max_prefix_len=None, max_suffix_len=None)
+
+    def _batch(self, key: GraphKey) -> PagedBatch:
+        size, d = key.size, self.staging.device
         return PagedBatch(
             pool=self.engine.pool,
             backend=self.engine.backend,
-            slot_mapping=self.slots[:size],
+            slot_mapping=d["slots"][:size],
             block_tables=self.block_tables[:size],
-            context_lens=self.context_lens[:size],
+            context_lens=d["context_lens"][:size],
             query_start_loc=self.query_start_loc[: size + 1],
             max_context_len=None,
             is_decode=True,
+            prefix_groups=self._prefix_groups(key),
             num_splits=self.num_splits,
         )
 
@@ -64,15 +185,16 @@ class DecodeGraphs:
                                 sharedecode_batch=batch)
         return out.logits[0].float()
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, key: GraphKey) -> torch.Tensor:
         step = self.compiled or self._model_step
-        return step(self.input_ids[None, :size], self.positions[None, :size], self._batch(size))
+        d = self.staging.device
+        return step(d["input_ids"][None, : key.size], d["positions"][None, : key.size], self._batch(key))
 
-    def _warm_up(self, size: int) -> None:
+    def _warm_up(self, key: GraphKey) -> None:
         """Run the step off the graph first: compilation, Triton's and cuBLAS's choices happen here."""
         try:
             for _ in range(3):
-                self._forward(size)
+                self._forward(key)
         except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager capture
             if self.compiled is None:
                 raise
@@ -80,38 +202,78 @@ class DecodeGraphs:
                           "capturing the uncompiled model instead", RuntimeWarning, stacklevel=3)
             self.compiled = None
             for _ in range(2):
-                self._forward(size)
+                self._forward(key)
 
-    def _capture(self, size: int) -> None:
+    def _capture(self, key: GraphKey) -> None:
+        """Capture `key`'s graph. The staged inputs are the current step's, so the warm-up forwards
+        only rewrite this step's own K/V slots with the values the replay writes anyway."""
         model = self.engine.model
         fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
         with torch.inference_mode(), paged_attention_enabled(model), fused:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._warm_up(size)
+                self._warm_up(key)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(size)
+                logits = self._forward(key)
             self.pool = graph.pool()
-        self.graphs[size] = (graph, logits)
+        self.graphs[key] = (graph, logits)
+
+    def graph_key(self, num_seqs: int, layout: GroupLayout | None) -> GraphKey:
+        """The graph of a step of `num_seqs` sequences: its bucket's plain graph without groups or
+        once `max_group_graphs` other classes are captured, else the group graph of its class."""
+        size = next(b for b in self.buckets if b >= num_seqs)
+        if layout is None or not layout.num_chunks:
+            return GraphKey(size, 0, 0)
+        key = GraphKey(size, *capacity_class(layout))
+        captured = sum(1 for k in self.graphs if k.chunks)
+        return key if key in self.graphs or captured < self.max_group_graphs else GraphKey(size, 0, 0)
+
+    def stage(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+              context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = ()) -> GraphKey:
+        """Copy a step's inputs into the static buffers; returns the key of the graph to replay.
+        `groups`: from group_shared_prefixes over `tables` and `context_lens`."""
+        n = len(token_ids)
+        layout = layout_groups(groups, n, self.engine.block_size, MEMBERS_PER_CHUNK) if groups else None
+        key = self.graph_key(n, layout)
+        host = self.staging.host
+        self.staging.wait()
+        _put(host["input_ids"], token_ids, key.size, 0)
+        _put(host["positions"], positions, key.size, 0)
+        _put(host["slots"], slots, key.size, -1)
+        _put(host["context_lens"], context_lens, key.size, 1)
+        if key.chunks:
+            for name, values in pack_groups(layout, key.size, key.chunks).items():
+                host[name][: len(values)] = values
+        width = max(map(len, tables))
+        changed = self._changed_rows(tables)
+        k = len(changed)
+        host["changed_rows"][:k] = changed
+        host["block_rows"][: k * width] = flat_rows([tables[i] for i in changed], width)
+        self.staging.copy_to_device("block_rows", k * width)
+        if k:
+            device = self.staging.device
+            rows = device["block_rows"][: k * width].view(k, width)
+            self.block_tables[:, :width].index_copy_(0, device["changed_rows"][:k], rows)
+        return key
+
+    def _changed_rows(self, tables: list[list[int]]) -> list[int]:
+        """Rows whose block ids differ from what the device table holds. The table keeps its rows
+        from step to step and most rows of a step are the previous step's (a new block every
+        block_size tokens), so only these are converted and copied; comparing lists is cheap."""
+        held = self._rows_on_device
+        changed = [i for i, (ids, old) in enumerate(zip(tables, held)) if ids != old]
+        for i in changed:
+            held[i] = list(tables[i])
+        return changed
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            context_lens: list[int]) -> torch.Tensor:
-        n = len(token_ids)
-        size = next(b for b in self.buckets if b >= n)
-        if size not in self.graphs:
-            self._capture(size)
-        width = max(len(t) for t in tables)
-        host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        pad = size - n
-        self.input_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.context_lens[:size].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32),
-                                       non_blocking=True)
-        self.block_tables[:n, :width].copy_(host, non_blocking=True)
-        graph, logits = self.graphs[size]
+            context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = ()) -> torch.Tensor:
+        key = self.stage(token_ids, positions, slots, tables, context_lens, groups)
+        if key not in self.graphs:
+            self._capture(key)
+        graph, logits = self.graphs[key]
         graph.replay()
-        return logits[:n].clone()  # the static buffer is overwritten by the next replay
+        return logits[: len(token_ids)].clone()  # the static buffer is overwritten by the next replay

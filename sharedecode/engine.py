@@ -11,6 +11,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -18,6 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from sharedecode.attention import BACKENDS, PagedBatch, check_supported, paged_attention_enabled
 from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, KVCacheStats, is_power_of_two
 from sharedecode.kv_pool import KVLayout, KVPool, free_device_bytes
+
+if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_INTERPRET before that
+    from sharedecode.kernels.shared_prefix import PrefixGroups
 
 CPU_KV_CACHE_BYTES = 256 * 2**20  # a modest fixed pool for CPU runs
 DEFAULT_GPU_FRACTION = 0.8  # of the memory left free after the model and a warm-up forward
@@ -80,6 +84,10 @@ class Engine:
         cuda_graphs: on CUDA with the triton backend, replay decode steps as CUDA graphs.
         compile: torch.compile the decode step before capturing it (fewer, fused kernels; the
             first step of each new batch size then takes a while). Only with cuda_graphs.
+        shared_prefix: with the triton backend, decode steps whose sequences share leading KV
+            blocks (beams or samples of one prompt, prompts sharing a cached system prompt; found
+            from the block tables every step) read each shared prefix once per group instead of
+            once per sequence (the shared-prefix "cascade" kernel). False: always the plain kernel.
     """
 
     def __init__(
@@ -96,6 +104,7 @@ class Engine:
         kv_cache_fraction: float = DEFAULT_GPU_FRACTION,
         cuda_graphs: bool = True,
         compile: bool = True,
+        shared_prefix: bool = True,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -109,6 +118,8 @@ class Engine:
             raise TypeError(f"compile must be True or False, got {compile!r}")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if not isinstance(shared_prefix, bool):
+            raise TypeError(f"shared_prefix must be True or False, got {shared_prefix!r}")
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         dtype = resolve_dtype(dtype)
@@ -128,6 +139,7 @@ class Engine:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = backend
+        self.shared_prefix = shared_prefix and backend == "triton"  # torch: the reference path
         self.shape = ModelShape.from_config(model.config)
         self.layout = KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
                                block_size, self.dtype)
@@ -265,18 +277,27 @@ class Engine:
                               f"{self.allocator.num_free_blocks} are free")
         for table, token in zip(tables, token_ids):
             self.allocator.append(table, [token])
-        positions = [table.num_tokens - 1 for table in tables]
-        slots = [self.allocator.slot_mapping(table, p, p + 1)[0] for table, p in zip(tables, positions)]
+        bs = self.block_size
+        block_ids = [t.block_ids for t in tables]
         context_lens = [t.num_tokens for t in tables]
-        if self.graphs is not None and self.graphs.fits(len(tables), max(len(t.block_ids) for t in tables)):
+        positions = [n - 1 for n in context_lens]
+        slots = [ids[p // bs] * bs + p % bs for ids, p in zip(block_ids, positions)]
+        groups = []
+        if self.shared_prefix:
+            from sharedecode.kernels.shared_prefix import group_shared_prefixes
+
+            groups = group_shared_prefixes(block_ids, context_lens, bs)
+        if self.graphs is not None and self.graphs.fits(len(tables), max(map(len, block_ids))):
             self._apply_copies()
-            out = self.graphs.run(list(token_ids), positions, slots, [t.block_ids for t in tables],
-                                  context_lens)
-            for table in tables:
-                self.allocator.mark_computed(table)
-            return out
-        out = self._forward(list(token_ids), positions, slots, tables, [t.num_tokens for t in tables],
-                            [1] * len(tables), None, is_decode=True)
+            out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups)
+        else:
+            prefix_groups = None
+            if groups:
+                from sharedecode.kernels.shared_prefix import prefix_groups_to_device
+
+                prefix_groups = prefix_groups_to_device(groups, context_lens, bs, self.device)
+            out = self._forward(list(token_ids), positions, slots, tables, context_lens,
+                                [1] * len(tables), None, is_decode=True, prefix_groups=prefix_groups)
         for table in tables:
             self.allocator.mark_computed(table)
         return out
@@ -288,7 +309,8 @@ class Engine:
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.pool.copy_blocks(src, dst)
 
-    def _forward(self, ids, positions, slots, tables, context_lens, query_lens, keep, *, is_decode):
+    def _forward(self, ids, positions, slots, tables, context_lens, query_lens, keep, *, is_decode,
+                 prefix_groups: PrefixGroups | None = None):
         self._apply_copies()
         device = self.device
         width = max(len(t.block_ids) for t in tables)
@@ -306,6 +328,7 @@ class Engine:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             max_context_len=max(context_lens),
             is_decode=is_decode,
+            prefix_groups=prefix_groups,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)

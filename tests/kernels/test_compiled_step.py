@@ -47,21 +47,20 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse):
                 engine.allocator.append(table, [token])
             engine._apply_copies()
             n = len(tables)
-            graphs.input_ids[:n] = torch.tensor(tokens)
-            graphs.positions[:n] = torch.tensor([t.num_tokens - 1 for t in tables])
-            graphs.slots[:n] = torch.tensor([engine.allocator.slot_mapping(t, t.num_tokens - 1, t.num_tokens)[0]
-                                             for t in tables])
-            graphs.context_lens[:n] = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32)
-            for row, table in enumerate(tables):
-                graphs.block_tables[row, : len(table.block_ids)] = torch.tensor(table.block_ids)
+            key = graphs.stage(tokens, [t.num_tokens - 1 for t in tables],
+                               [engine.allocator.slot_mapping(t, t.num_tokens - 1, t.num_tokens)[0]
+                                for t in tables],
+                               [t.block_ids for t in tables], [t.num_tokens for t in tables])
+            assert key == (n, 0, 0)
+            inputs = graphs.staging.device
             with torch.inference_mode():
                 from sharedecode.attention import paged_attention_enabled
 
                 with paged_attention_enabled(engine.model):
-                    eager = graphs._model_step(graphs.input_ids[None, :n], graphs.positions[None, :n],
-                                               graphs._batch(n)).clone()
+                    eager = graphs._model_step(inputs["input_ids"][None, :n], inputs["positions"][None, :n],
+                                               graphs._batch(key)).clone()
                     with graphs.fuser.active() if fuse else contextlib.nullcontext():
-                        compiled = graphs._forward(n)
+                        compiled = graphs._forward(key)
             assert torch.isfinite(compiled).all()
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
             for table in tables:

@@ -76,7 +76,8 @@ def test_split_kv(num_splits, dtype, device):
 
 def test_split_kv_auto_and_hint(device):
     assert choose_num_splits(1, 2, torch.device("cpu")) > 1
-    assert choose_num_splits(1, 2, torch.device("cpu"), max_context_len=100) == 1
+    assert choose_num_splits(1, 2, torch.device("cpu"), max_context_len=60) == 1
+    assert choose_num_splits(1, 2, torch.device("cpu"), max_context_len=512) == 8
     assert choose_num_splits(512, 8, torch.device("cpu")) == 1
     case = make_case([(1, 70), (1, 90)], 4, 1, 64, 16, torch.float32, device)
     ref = naive_attention(*[x.cpu() for x in case], scale=0.1)

@@ -4,6 +4,7 @@ import torch
 from kernel_ref import TOL, naive_attention, rel_err
 from sharedecode.kernels.paged_attention import paged_attention
 from sharedecode.kernels.shared_prefix import (PrefixGroups, find_prefix_groups,
+                                               group_shared_prefixes, layout_groups,
                                                shared_prefix_decode, shared_prefix_decode_torch)
 
 
@@ -147,6 +148,32 @@ def test_groups_reused_across_layers_and_no_groups(device):
     ref = _reference(q[lone], k, v, bt[lone], ctx[lone], 0.1)
     out = shared_prefix_decode(q[lone], k, v, bt[lone], ctx[lone], scale=0.1)
     assert rel_err(out.cpu(), ref) < 1e-4
+
+
+@pytest.mark.parametrize("chunks,members,suffix_splits", [(2, 4, None), (4, 8, 2), (8, 16, 1)])
+def test_capacity_padded_groups(chunks, members, suffix_splits, device):
+    # What a CUDA graph replays: group tensors padded to a capacity (chunks with no members,
+    # more rows per chunk than any group has), launch config from the shapes only
+    # (max_prefix_len=None), the same launch reused for other groups of the same capacity.
+    for sizes in ((3, 2), (4,)):
+        (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=4, hkv=2, d=32,
+                                          prefix_blocks=(4, 2)[:len(sizes)], group_sizes=sizes)
+        lay = layout_groups(group_shared_prefixes(bt.tolist(), ctx.tolist(), 8), q.shape[0], 8)
+        assert lay.num_chunks == len(sizes)
+        pad = [0] * (chunks - lay.num_chunks)
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.int32, device=device)
+
+        groups = PrefixGroups(
+            members=t(lay.members), chunk_start=t(lay.chunk_start + pad),
+            chunk_count=t(lay.chunk_count + pad), chunk_prefix_len=t(lay.chunk_prefix_len + pad),
+            seq_prefix_len=t(lay.seq_prefix_len), groups=None, members_per_chunk=64,
+            max_chunk_members=members, max_prefix_len=None, max_suffix_len=None)
+        out = torch.full_like(q, float("nan"))
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, groups=groups, out=out,
+                             suffix_splits=suffix_splits)
+        assert rel_err(out.cpu(), _reference(q, k, v, bt, ctx, 0.1)) < 1e-4
 
 
 def test_shared_prefix_validation(device):

@@ -1,0 +1,306 @@
+"""The shared-prefix cascade in the engine's decode step: group detection, eager, compiled and the
+CUDA-graph path's static buffers (the capture itself is GPU-only: bench/check_decode_gpu.py).
+
+Engines run the triton backend on CPU through the Triton interpreter; logits are checked against
+the model's own forward (Hugging Face eager attention) over each whole sequence.
+"""
+import random
+
+import pytest
+import torch
+import transformers
+from torch._dynamo.backends.debugging import aot_eager
+
+import sharedecode.kernels.shared_prefix as sp
+from sharedecode import Engine
+from sharedecode.attention import paged_attention_enabled
+from sharedecode.cuda_graphs import DecodeGraphs, GraphKey, capacity_class, flat_rows, pack_groups
+
+BLOCK = 8
+VOCAB = 96
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=8, max_position_embeddings=256, initializer_range=0.2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+# ------------------------------------------------------------------------------ group detection
+def naive_groups(rows, ctx, bs):
+    """The definition, one block at a time: bucket by first block, longest run shared by all
+    members, capped at the smallest member's full blocks."""
+    buckets = {}
+    for i, row in enumerate(rows):
+        if min(ctx[i] // bs, len(row)) >= 1:
+            buckets.setdefault(row[0], []).append(i)
+    out = []
+    for mem in buckets.values():
+        if len(mem) < 2:
+            continue
+        full = min(min(ctx[i] // bs, len(rows[i])) for i in mem)
+        k = 1
+        while k < full and all(rows[i][k] == rows[mem[0]][k] for i in mem):
+            k += 1
+        out.append((tuple(mem), k))
+    return out
+
+
+def random_tables(rng: random.Random, bs: int):
+    """Trees of forks: each root prompt has children that copy a random number of its leading
+    blocks (partially shared), then own blocks; context lens end anywhere in the last block
+    (sometimes exactly full); plus sequences sharing nothing."""
+    next_id = iter(rng.sample(range(10_000), 5_000))
+    rows, ctx = [], []
+    for _ in range(rng.randint(0, 4)):
+        root = [next(next_id) for _ in range(rng.randint(1, 12))]
+        for _ in range(rng.randint(1, 6)):
+            keep = rng.randint(1, len(root))
+            row = root[:keep] + [next(next_id) for _ in range(rng.randint(0, 4))]
+            rows.append(row)
+            ctx.append((len(row) - 1) * bs + rng.randint(1, bs))
+    for _ in range(rng.randint(0, 4)):
+        row = [next(next_id) for _ in range(rng.randint(1, 5))]
+        rows.append(row)
+        ctx.append((len(row) - 1) * bs + rng.randint(1, bs))
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    return [rows[i] for i in order], [ctx[i] for i in order]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_group_detection_matches_definition_and_tensor_version(seed):
+    rng = random.Random(seed)
+    rows, ctx = random_tables(rng, BLOCK)
+    groups = sp.group_shared_prefixes(rows, ctx, BLOCK)
+    assert groups == naive_groups(rows, ctx, BLOCK)
+    if not rows:
+        return
+    width = max(map(len, rows))
+    bt = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+    pg = sp.find_prefix_groups(bt, torch.tensor(ctx, dtype=torch.int32), BLOCK)
+    assert pg.groups == groups
+    plen = [0] * len(rows)
+    for mem, nblk in groups:
+        for i in mem:
+            plen[i] = nblk * BLOCK
+            assert nblk * BLOCK <= ctx[i]  # every shared key exists for every member
+    assert pg.seq_prefix_len.tolist() == plen
+    assert pg.max_suffix_len == max(c - p for c, p in zip(ctx, plen))
+
+
+def test_group_detection_cases():
+    # forked beams, the last block partial: the full blocks are shared, not the partial one
+    assert sp.group_shared_prefixes([[1, 2, 3], [1, 2, 4], [1, 2, 5]], [20, 20, 19], 8) == [((0, 1, 2), 2)]
+    # identical tables (just forked): capped at the smallest member's full blocks
+    assert sp.group_shared_prefixes([[1, 2, 3], [1, 2, 3]], [24, 17], 8) == [((0, 1), 2)]
+    # no full block yet, or nothing shared: no group
+    assert sp.group_shared_prefixes([[1], [1]], [7, 7], 8) == []
+    assert sp.group_shared_prefixes([[1, 2], [3, 4], [5]], [16, 16, 8], 8) == []
+    # several groups, loners in between, a group sharing only its first block
+    rows = [[1, 2, 3], [9, 8], [1, 2, 4], [5, 6], [5, 7], [4]]
+    assert sp.group_shared_prefixes(rows, [24, 16, 24, 16, 16, 8], 8) == [((0, 2), 2), ((3, 4), 1)]
+
+
+def test_group_layout_and_graph_packing():
+    groups = [((0, 2, 5), 2), ((1, 3), 4)]
+    lay = sp.layout_groups(groups, 7, 8, members_per_chunk=2)
+    assert lay.members == [0, 2, 5, 1, 3]
+    assert lay.chunk_start == [0, 2, 3] and lay.chunk_count == [2, 1, 2]
+    assert lay.chunk_prefix_len == [16, 16, 32]
+    assert lay.seq_prefix_len == [16, 32, 16, 32, 0, 16, 0]
+    assert capacity_class(lay) == (4, 2)
+    packed = pack_groups(lay, 8, 4)
+    assert packed["chunk_count"] == [2, 1, 2, 0]  # the padding chunk has no members
+    assert packed["chunk_start"] == [0, 2, 3, 0] and packed["chunk_prefix_len"] == [16, 16, 32, 0]
+    assert packed["seq_prefix_len"] == [16, 32, 16, 32, 0, 16, 0, 0]  # padding rows share nothing
+    assert packed["members"] == [0, 2, 5, 1, 3]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_groups(lay, 8, 2)
+    assert capacity_class(sp.layout_groups([(tuple(range(65)), 1)], 65, 8)) == (2, 64)
+    assert flat_rows([[4, 5], [6], [7, 8, 9]], 3) == [4, 5, 0, 6, 0, 0, 7, 8, 9]
+
+
+# ------------------------------------------------------------------------------ engine, eager
+def reference_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()
+
+
+def assert_matches_hf(model, logits, sequences, what):
+    for i, seq in enumerate(sequences):
+        ref = reference_logits(model, seq)
+        err = (logits[i] - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= 1e-4, f"{what}, sequence {i}: relative error {err:.3g}"
+
+
+def setup_scenario(engine, name):
+    """Tables and their token lists for one workload shape."""
+    g = torch.Generator().manual_seed(1)
+
+    def prompt(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    if name == "beams":  # 4 beams forked from one prompt with a partial last block
+        root = engine.add(prompt(21))
+        engine.prefill([root])
+        tables = [root] + [engine.fork(root) for _ in range(3)]
+    elif name == "system_prompt":  # prompts sharing cached system-prompt blocks, and one that does not
+        system = prompt(16)
+        tables = [engine.add(system + prompt(n)) for n in (3, 9, 12)] + [engine.add(prompt(11))]
+        engine.prefill(tables)
+        assert [t.num_cached_tokens for t in tables] == [0, 16, 16, 0]
+    elif name == "several_groups":  # 2 prompts x 3 beams, and a loner
+        roots = [engine.add(prompt(n)) for n in (17, 26, 5)]
+        engine.prefill(roots)
+        tables = [t for r in roots[:2] for t in (r, engine.fork(r), engine.fork(r))] + [roots[2]]
+    else:  # nothing shared
+        tables = [engine.add(prompt(n)) for n in (9, 20, 4)]
+        engine.prefill(tables)
+    return tables, [list(t.token_ids) for t in tables]
+
+
+SCENARIOS = {"beams": 1, "system_prompt": 1, "several_groups": 2, "none": 0}  # -> groups
+
+
+def decode_and_check(engine, model, name, steps=3):
+    tables, sequences = setup_scenario(engine, name)
+    g = torch.Generator().manual_seed(2)
+    for step in range(steps):  # different tokens per beam: copy-on-write of the partial blocks
+        tokens = torch.randint(3, VOCAB, (len(tables),), generator=g).tolist()
+        groups = sp.group_shared_prefixes([t.block_ids + [-1] for t in tables],
+                                          [t.num_tokens + 1 for t in tables], BLOCK)
+        assert len(groups) == SCENARIOS[name]
+        logits = engine.decode(tables, tokens)
+        for seq, token in zip(sequences, tokens):
+            seq.append(token)
+        assert_matches_hf(model, logits, sequences, f"{name} step {step}")
+    engine.free_all()
+    assert engine.kv_stats().blocks_in_use == 0
+
+
+@pytest.fixture
+def cascade_calls(monkeypatch):
+    calls = []
+    original = sp.shared_prefix_decode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["groups"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "shared_prefix_decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_engine_decode_through_cascade_matches_hf(model, name, cascade_calls):
+    engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    assert engine.shared_prefix and engine.graphs is None
+    decode_and_check(engine, model, name)
+    layers = model.config.num_hidden_layers
+    assert len(cascade_calls) == (3 * layers if SCENARIOS[name] else 0)
+    assert all(len(g.groups) == SCENARIOS[name] for g in cascade_calls)
+
+
+def test_sliding_window_layers_keep_the_plain_kernel(cascade_calls):
+    # Qwen2 with layer 0 full and layer 1 sliding (window of one block): one step mixes both paths
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, initializer_range=0.2,
+                                      use_sliding_window=True, sliding_window=BLOCK, max_window_layers=1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2ForCausalLM(config).eval()
+    engine = Engine(qwen, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    decode_and_check(engine, qwen, "beams", steps=2)
+    assert len(cascade_calls) == 2  # one full-attention layer, two steps
+
+
+def test_shared_prefix_off_and_torch_backend_keep_the_plain_path(model, cascade_calls):
+    for kwargs in ({"backend": "triton", "shared_prefix": False}, {"backend": "torch"}):
+        engine = Engine(model, block_size=BLOCK, kv_cache_bytes=2**20, **kwargs)
+        assert not engine.shared_prefix
+        decode_and_check(engine, model, "beams", steps=1)
+    assert cascade_calls == []
+
+
+def test_shared_prefix_option_is_validated(model):
+    with pytest.raises(TypeError, match="shared_prefix"):
+        Engine(model, backend="triton", kv_cache_bytes=2**20, shared_prefix="yes")
+
+
+# ------------------------------------------------------------------------------ the graph path
+def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
+    """An engine whose decode steps take the CUDA-graph path (static buffers, padded groups,
+    graph keys), with the step run eagerly or compiled instead of captured and replayed."""
+    engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    # 2 own-key splits: the interpreter runs every program, and the default fills a GPU twice
+    graphs = DecodeGraphs(engine, max_batch=16, max_context=128, num_splits=2, fuse_projections=False,
+                          **graph_kwargs)
+    graphs.compiled = compiled and torch.compile(graphs._model_step, backend=compiled)
+    keys = []
+
+    def run_uncaptured(token_ids, *args):
+        keys.append(graphs.stage(token_ids, *args))
+        with torch.inference_mode(), paged_attention_enabled(model):
+            return graphs._forward(keys[-1])[: len(token_ids)].clone()
+
+    monkeypatch.setattr(graphs, "run", run_uncaptured)
+    engine.graphs = graphs
+    return engine, keys
+
+
+@pytest.mark.parametrize("name,key", [("beams", (4, 1, 4)), ("system_prompt", (4, 1, 4)),
+                                      ("several_groups", (8, 2, 4)), ("none", (4, 0, 0))])
+def test_graph_path_static_buffers_match_hf(model, monkeypatch, name, key):
+    engine, keys = graph_engine(model, monkeypatch)
+    decode_and_check(engine, model, name, steps=2)
+    assert set(keys) == {GraphKey(*key)}
+
+
+def test_graph_path_over_the_group_graph_bound_takes_the_plain_graph(model, monkeypatch, cascade_calls):
+    engine, keys = graph_engine(model, monkeypatch, max_group_graphs=0)
+    decode_and_check(engine, model, "several_groups", steps=1)
+    assert keys == [GraphKey(8, 0, 0)] and cascade_calls == []
+
+
+def test_compiled_graph_step_calls_the_cascade_op(model, monkeypatch):
+    torch._dynamo.reset()
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.append(graph_module.code)
+        return aot_eager(graph_module, example_inputs)
+
+    engine, keys = graph_engine(model, monkeypatch, compiled=recording_backend)
+    decode_and_check(engine, model, "several_groups", steps=2)
+    assert set(keys) == {GraphKey(8, 2, 4)}
+    layers = model.config.num_hidden_layers
+    assert len(traced) == 1  # one graph, no break: one opaque cascade op per layer
+    assert traced[0].count("sharedecode.shared_prefix_step") == layers
+    assert "sharedecode.paged_attention_step" not in traced[0]
+
+
+def test_staged_block_tables_follow_every_change(model):
+    engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=64, fuse_projections=False)
+    rng = random.Random(0)
+    tables = [[rng.randrange(100) for _ in range(rng.randint(1, 8))] for _ in range(5)]
+    for step in range(12):  # appends, copy-on-write, reorders, fewer and more rows
+        if step % 3 == 0:
+            rng.shuffle(tables)
+        tables = [t[:-1] + [rng.randrange(100)] if rng.random() < 0.3 else t for t in tables]
+        tables = [t + [rng.randrange(100)] if rng.random() < 0.3 and len(t) < 8 else t for t in tables]
+        live = tables[: rng.randint(1, 5)]
+        n = len(live)
+        graphs.stage(list(range(n)), [0] * n, [0] * n, live, [len(t) * BLOCK for t in live])
+        for row, ids in enumerate(live):
+            assert graphs.block_tables[row, : len(ids)].tolist() == ids
