@@ -152,7 +152,8 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
             "hf_batch_tok_s": generated / t}
 
 
-def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False):
+def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
+                 ablate_shared_prefix=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -166,6 +167,13 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         return model.generate(batch.to(device), attention_mask=mask.to(device), **hf_kwargs)
 
     t_ours, all_ours, result = timed(run_ours, device, repeats)
+    plain = None
+    if ablate_shared_prefix and engine.shared_prefix:  # the same run with plain paged attention
+        engine.shared_prefix = False
+        try:
+            plain, _, _ = timed(run_ours, device, repeats)
+        finally:
+            engine.shared_prefix = True
     stats = (result[0] if isinstance(result, list) else result).stats
     new_tokens = hf_kwargs["max_new_tokens"]
     outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
@@ -176,6 +184,9 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         "kv_fraction_of_contiguous": stats.peak_kv_bytes / max(1, stats.peak_contiguous_kv_bytes),
         "prefill_tokens_reused": stats.prefill_tokens_reused, "decode_steps": stats.decode_steps,
     }
+    if plain is not None:
+        row["sharedecode_plain_attention_s"] = plain
+        print(f"  {name:28s} ours {t_ours:7.3f}s with shared-prefix decode, {plain:7.3f}s without", flush=True)
     try:  # HF runs second, so that its failure (e.g. out of memory) keeps our measurement
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -230,6 +241,8 @@ def main():
     parser.add_argument("--hf-control", action="store_true",
                         help="time HF W-beam k=8 on the model before any engine touches it")
     parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
+    parser.add_argument("--ablate-shared-prefix", action="store_true",
+                        help="also time each workload with plain paged attention (no shared-prefix decode)")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
     args = parser.parse_args()
@@ -273,6 +286,7 @@ def main():
             section["hf_control_beam8_before_engine_runs_s"] = runs
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
+        section["shared_prefix_decode"] = True
         if args.decode_variants and not args.skip_decode:
             # The same captured step without torch.compile and/or without fused projections, same run.
             for variant, compile_step, fuse in (("graphs", False, False), ("graphs+compile", True, False)):
@@ -338,7 +352,8 @@ def main():
             try:
                 section["workloads"].append(run_workload(*workload[:1], model, engine, workload[1], workload[2],
                                                          workload[3], args.repeats, device,
-                                                         hf_batch=workload[0].startswith("W-shared")))
+                                                         hf_batch=workload[0].startswith("W-shared"),
+                                                         ablate_shared_prefix=args.ablate_shared_prefix))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
                 print(f"  {workload[0]} failed: {error!r}", flush=True)

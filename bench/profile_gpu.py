@@ -33,29 +33,29 @@ def decode_breakdown(engine: Engine, batch: int, context: int, steps: int = 30) 
     graphs = engine.graphs
     marks: dict[str, float] = {}
     start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    original = graphs.run
+    original_stage = graphs.stage
+    wrapped: set[int] = set()
 
-    def timed_run(*args):  # splits the step at the replay without changing what it does
+    def timed_stage(*args, **kwargs):  # splits the step at the replay without changing what it does
+        key = original_stage(*args, **kwargs)
         marks["host_ready"] = time.perf_counter()
-        n = len(args[0])
-        size = next(b for b in graphs.buckets if b >= n)
-        if size not in graphs.graphs:
-            graphs._capture(size)
-        graph, _ = graphs.graphs[size]
-        replay = graph.replay
+        marks["key"] = key
+        if key not in graphs.graphs:
+            graphs._capture(key)
+        graph, _ = graphs.graphs[key]
+        if id(graph) not in wrapped:
+            replay = graph.replay
 
-        def recorded():
-            start_event.record()
-            replay()
-            end_event.record()
+            def recorded(replay=replay):
+                start_event.record()
+                replay()
+                end_event.record()
 
-        graph.replay = recorded
-        try:
-            return original(*args)
-        finally:
-            del graph.replay
+            graph.replay = recorded
+            wrapped.add(id(graph))
+        return key
 
-    graphs.run = timed_run
+    graphs.stage = timed_stage
     rows = {"host_ms": [], "replay_device_ms": [], "step_ms": []}
     try:
         engine.prefill(tables)
@@ -77,11 +77,12 @@ def decode_breakdown(engine: Engine, batch: int, context: int, steps: int = 30) 
                    if e.device_time_total > 0]
         kernels.sort(key=lambda k: -k[1])
     finally:
-        graphs.run = original
+        del graphs.stage
         for t in tables:
             engine.free(t)
     out = {k: statistics.median(v) for k, v in rows.items()}
     out["batch"] = batch
+    out["graph_key"] = str(marks.get("key"))
     out["kernels_us_per_step"] = [(name[:90], round(us, 2), count) for name, us, count in kernels[:40]]
     out["kernel_sum_us"] = sum(us for _, us, _ in kernels)
     return out
