@@ -209,7 +209,10 @@ class DecodeGraphs:
         only rewrite this step's own K/V slots with the values the replay writes anyway."""
         model = self.engine.model
         fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
-        with torch.inference_mode(), paged_attention_enabled(model), fused:
+        # Each graph key (bucket, group class) may need its own compilation: past dynamo's default
+        # limit of 8 per function the step silently runs uncompiled (and is captured that way).
+        recompiles = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
+        with torch.inference_mode(), paged_attention_enabled(model), fused, recompiles:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
