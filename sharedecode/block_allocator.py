@@ -274,11 +274,16 @@ class BlockAllocator:
         few list operations; everything else goes through `append`. Check the step's needs first
         (`blocks_needed_for_step`): a KVCacheFull here leaves the earlier tables appended."""
         bs, ref_counts, live = self.block_size, self.ref_counts, self.tables
+        if len(tables) != len(token_ids):
+            raise ValueError(f"append_tokens got {len(tables)} tables but {len(token_ids)} tokens")
+        for table in tables:  # before any change
+            if live.get(id(table)) is not table:
+                self._check_live(table)
         slots = []
-        for table, token in zip(tables, token_ids, strict=True):
+        for table, token in zip(tables, token_ids):
             old = len(table.token_ids)
             offset = old % bs
-            if offset and ref_counts[table.block_ids[-1]] == 1 and live.get(id(table)) is table:
+            if offset and ref_counts[table.block_ids[-1]] == 1:
                 table.token_ids.append(token)
                 slots.append(table.block_ids[-1] * bs + offset)
                 if offset == bs - 1:  # the block is now full: hash it for prefix reuse

@@ -275,13 +275,11 @@ class Engine:
         if needed > self.allocator.num_free_blocks:
             raise KVCacheFull(f"a decode step of {len(tables)} sequences needs {needed} new KV blocks, "
                               f"{self.allocator.num_free_blocks} are free")
-        for table, token in zip(tables, token_ids):
-            self.allocator.append(table, [token])
+        slots = self.allocator.append_tokens(tables, token_ids)
         bs = self.block_size
         block_ids = [t.block_ids for t in tables]
-        context_lens = [t.num_tokens for t in tables]
+        context_lens = [len(t.token_ids) for t in tables]
         positions = [n - 1 for n in context_lens]
-        slots = [ids[p // bs] * bs + p % bs for ids, p in zip(block_ids, positions)]
         groups = []
         if self.shared_prefix:
             from sharedecode.kernels.shared_prefix import group_shared_prefixes
