@@ -234,6 +234,26 @@ if HAS_TRITON:
         return lo - 1
 
     @triton.jit
+    def _scaled_scores(s, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+        """Raw q.k scores [M, N] -> scaled (and soft-capped) scores in the log2 domain."""
+        if HAS_SOFTCAP:
+            x = s * (qk_scale / softcap)
+            # tanh(x) = 1 - 2 / (exp(2x) + 1), in log2 form; saturates cleanly at +-1
+            return softcap * (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)) * 1.4426950408889634
+        return s * (qk_scale * 1.4426950408889634)
+
+    @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, s, v, PREC: tl.constexpr):
+        """Fold one tile of masked log2 scores s [M, N] and values v [N, D] into the running
+        max m_i, denominator l_i and output acc (flash attention's online softmax)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi,
                       qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb, stride_vt,
                       qk_scale, softcap, window,
@@ -261,25 +281,13 @@ if HAS_TRITON:
             if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=PREC)                            # [M, N] fp32
-            if HAS_SOFTCAP:
-                x = s * (qk_scale / softcap)
-                # tanh(x) = 1 - 2 / (exp(2x) + 1), in log2 form; saturates cleanly at +-1
-                s = softcap * (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)) * 1.4426950408889634
-            else:
-                s = s * (qk_scale * 1.4426950408889634)
+            s = _scaled_scores(tl.dot(q, kt, input_precision=PREC), qk_scale, softcap, HAS_SOFTCAP)
             mask = row_valid[:, None] & kmask[None, :]
             if CAUSAL:
                 mask = mask & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 mask = mask & (kpos[None, :] > qpos[:, None] - window)
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(mask, s, float("-inf")), v, PREC)
         return acc, m_i, l_i
 
     @triton.jit
@@ -370,21 +378,29 @@ if HAS_TRITON:
         head = tl.program_id(1)
         offs_s = tl.arange(0, NS_PAD)
         offs_d = tl.arange(0, D_PAD)
-        base = tok * stride_pt + head * stride_ph
-        lse = tl.load(PLSE + base // D_PAD + offs_s, mask=offs_s < NS, other=float("-inf"))
+        o = _merge_partials(PACC, PLSE, tok * stride_pt + head * stride_ph, offs_s < NS, D, D_PAD, NS_PAD)
+        tl.store(OUT + tok * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
+                 mask=offs_d < D)
+
+    @triton.jit
+    def _merge_partials(PACC, PLSE, base, slot, D: tl.constexpr, D_PAD: tl.constexpr,
+                        NS_PAD: tl.constexpr):
+        """The log-sum-exp-weighted mean [D_PAD] of one row's split partials (acc at PACC + base,
+        base-2 lse at PLSE + base // D_PAD) over the splits where `slot` holds. Splits with
+        lse = -inf (empty, or never written: the prefix slots of sequences in no shared-prefix
+        group) are not read, so garbage there cannot turn 0 * NaN into NaN."""
+        offs_s = tl.arange(0, NS_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        lse = tl.load(PLSE + base // D_PAD + offs_s, mask=slot, other=float("-inf"))
         mx = tl.max(lse, 0)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         w = tl.exp2(lse - mx)
-        # splits with lse = -inf (empty, or never written: the prefix slots of sequences in no
-        # shared-prefix group) are not read, so garbage there cannot turn 0 * NaN into NaN
-        live = (offs_s < NS) & (lse > float("-inf"))
+        live = slot & (lse > float("-inf"))
         acc = tl.load(PACC + base + offs_s[:, None] * D_PAD + offs_d[None, :],
                       mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
         den = tl.sum(w, 0)
         den = tl.where(den == 0.0, 1.0, den)
-        o = tl.sum(acc * w[:, None], 0) / den
-        tl.store(OUT + tok * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
-                 mask=offs_d < D)
+        return tl.sum(acc * w[:, None], 0) / den
 
 
 def _next_pow2(x):

@@ -37,6 +37,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .paged_attention import _merge_partials, _online_softmax_step, _scaled_scores
+
 __all__ = ["PrefixGroups", "GroupLayout", "find_prefix_groups", "group_shared_prefixes",
            "layout_groups", "prefix_groups_to_device", "shared_prefix_decode",
            "shared_prefix_decode_torch"]
@@ -209,23 +211,12 @@ if HAS_TRITON:
             if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)                     # [M, N] fp32
-            if HAS_SOFTCAP:
-                x = s * (qk_scale / softcap)
-                # tanh(x) = 1 - 2 / (exp(2x) + 1), in log2 form; saturates cleanly at +-1
-                s = softcap * (1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)) * 1.4426950408889634
-            else:
-                s = s * (qk_scale * 1.4426950408889634)
+            s = _scaled_scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, softcap,
+                               HAS_SOFTCAP)                                      # [M, N] fp32
             mask = kmask[None, :]
             if HAS_WINDOW:
                 mask = mask & (kpos[None, :] > qpos[:, None] - window)
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(mask, s, float("-inf")), v, PREC)
         return acc, m_i, l_i
 
     @triton.jit
@@ -248,6 +239,24 @@ if HAS_TRITON:
         tl.store(PACC + pbase[:, None] + offs_d[None, :], acc / l_safe[:, None],
                  mask=row_valid[:, None] & (offs_d[None, :] < D))
         tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
+
+    @triton.jit
+    def _attend_to_partial(q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
+                           stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+                           PACC, PLSE, pbase, row_valid, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                           D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
+                           HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+        """Attend q's rows to key tiles [tile_lo, tile_hi) from a fresh softmax state and store
+        the fp32 partial and its lse at pbase (one split's slot)."""
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        acc, m_i, l_i = _attend(
+            acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
+            stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window, D, D_PAD, BS,
+            TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
+        _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
 
     @triton.jit
     def _prefix_part(w, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
@@ -290,16 +299,11 @@ if HAS_TRITON:
                 kv_lo = tl.maximum(0, tl.min(tl.where(row_valid, qpos, 2147483647), 0) - window + 1)
             tile_lo, tile_hi = _split_range(kv_lo, plen, split, TILE_N, SPLITS)
             leader = tl.load(MEMBERS + cstart).to(tl.int64)
-            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-            acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt,
-                tile_lo, tile_hi, kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt,
-                qk_scale, softcap, window, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC,
-                DOT_F32)
-            pbase = seq * stride_pt + head * stride_ph + split * D_PAD
-            _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
+            _attend_to_partial(
+                q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt, tile_lo, tile_hi,
+                kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+                PACC, PLSE, seq * stride_pt + head * stride_ph + split * D_PAD, row_valid,
+                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
@@ -330,16 +334,11 @@ if HAS_TRITON:
             q = q.to(tl.float32)
         qpos = tl.zeros([BLOCK_M], dtype=tl.int32) + ctx - 1
         tile_lo, tile_hi = _split_range(kv_lo, ctx, split, TILE_N, SPLITS)
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        acc, m_i, l_i = _attend(
-            acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt,
-            tile_lo, tile_hi, kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt,
-            qk_scale, softcap, window, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC,
-            DOT_F32)
-        pbase = seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD
-        _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
+        _attend_to_partial(
+            q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt, tile_lo, tile_hi,
+            kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+            PACC, PLSE, seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD, row_valid,
+            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_kernel(
@@ -388,18 +387,8 @@ if HAS_TRITON:
         offs_s = tl.arange(0, NS_PAD)
         offs_d = tl.arange(0, D_PAD)
         first = tl.where(tl.load(SEQ_PLEN + seq) > 0, 0, PREFIX_SPLITS)
-        slot = (offs_s >= first) & (offs_s < NS)
-        base = seq * stride_pt + head * stride_ph
-        lse = tl.load(PLSE + base // D_PAD + offs_s, mask=slot, other=float("-inf"))
-        mx = tl.max(lse, 0)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        w = tl.exp2(lse - mx)
-        live = slot & (lse > float("-inf"))  # empty splits hold acc = 0, but skip them anyway
-        acc = tl.load(PACC + base + offs_s[:, None] * D_PAD + offs_d[None, :],
-                      mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
-        den = tl.sum(w, 0)
-        den = tl.where(den == 0.0, 1.0, den)
-        o = tl.sum(acc * w[:, None], 0) / den
+        o = _merge_partials(PACC, PLSE, seq * stride_pt + head * stride_ph,
+                            (offs_s >= first) & (offs_s < NS), D, D_PAD, NS_PAD)
         tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
                  mask=offs_d < D)
 
