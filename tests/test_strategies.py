@@ -782,3 +782,23 @@ def test_grouped_beam_batch_is_bit_identical_to_stepping_each_request():
         alone = BeamSearch(fresh(), **params).run(prompt)
         assert [s.token_ids for s in result.sequences] == [s.token_ids for s in alone.sequences]
         assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(result.sequences, alone.sequences))
+
+
+def test_run_takes_no_snapshots_and_stream_does(monkeypatch):
+    """`run` only needs the results: snapshotting every request every step costs time that grows
+    with the square of the length. `stream` yields one snapshot per request per step."""
+    _, engine = get("llama", True)
+    calls = []
+    original = BeamRequest.snapshot
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(BeamRequest, "snapshot", counting)
+    strategy = BeamSearch(engine, num_beams=2, max_new_tokens=4)
+    strategy.run([prompt_of(5, 130), prompt_of(7, 131)])
+    assert calls == []
+    steps = list(strategy.stream([prompt_of(5, 130), prompt_of(7, 131)]))
+    assert steps and len(calls) == 2 * len(steps) and all(len(step) == 2 for step in steps)
+    assert engine.kv_stats().blocks_in_use == 0
