@@ -295,11 +295,18 @@ class BlockAllocator:
 
     def mark_computed(self, table: BlockTable) -> None:
         """Record that the KV of all of `table`'s tokens has been written (after a forward)."""
-        full = len(table.token_ids) // self.block_size
-        computed, block_ids = self.computed, table.block_ids
-        for index in range(table.num_computed_blocks, full):
-            computed[block_ids[index]] = True
-        table.num_computed_blocks = max(full, table.num_computed_blocks)
+        self.mark_all_computed([table])
+
+    def mark_all_computed(self, tables: list[BlockTable]) -> None:
+        """`mark_computed` of each table (one call per decode step)."""
+        bs, computed = self.block_size, self.computed
+        for table in tables:
+            full = len(table.token_ids) // bs
+            if full > table.num_computed_blocks:
+                block_ids = table.block_ids
+                for index in range(table.num_computed_blocks, full):
+                    computed[block_ids[index]] = True
+                table.num_computed_blocks = full
 
     def free(self, table: BlockTable) -> None:
         """Drop `table`'s references; blocks at ref 0 go back (hashed ones become evictable)."""

@@ -296,8 +296,7 @@ class Engine:
                 prefix_groups = prefix_groups_to_device(groups, context_lens, bs, self.device)
             out = self._forward(list(token_ids), positions, slots, tables, context_lens,
                                 [1] * len(tables), None, is_decode=True, prefix_groups=prefix_groups)
-        for table in tables:
-            self.allocator.mark_computed(table)
+        self.allocator.mark_all_computed(tables)
         return out
 
     def _apply_copies(self) -> None:

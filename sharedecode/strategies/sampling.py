@@ -77,15 +77,14 @@ class SampleRequest(Request):
     def step_host(self, engine: Engine, chosen: list[float]) -> None:
         """Record the chosen tokens (`chosen`: token, log-probability for each branch, as floats);
         finished branches give their blocks back at once."""
-        rule = self.rule
-        tokens = [int(t) for t in chosen[0::2]]
-        logprobs = chosen[1::2]
+        rule, generated, logprobs = self.rule, self.generated, self.logprobs
         still_running = []
-        for branch, token, logprob in zip(self.pending, tokens, logprobs):
+        for branch, token, logprob in zip(self.pending, map(int, chosen[0::2]), chosen[1::2]):
             key = id(branch)
-            self.generated[key].append(token)
-            self.logprobs[key] += logprob
-            reason = rule.finish_reason(self.generated[key])
+            sequence = generated[key]
+            sequence.append(token)
+            logprobs[key] += logprob
+            reason = rule.finish_reason(sequence)
             if reason is None:
                 branch.next_token = token
                 still_running.append(branch)
