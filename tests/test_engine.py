@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 import transformers
-from transformers import AutoTokenizer
 
 from sharedecode.embedded import EMBEDDED_MODEL_DIR
 from sharedecode.engine import Engine
