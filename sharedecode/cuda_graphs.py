@@ -119,6 +119,14 @@ def _put(dst: np.ndarray, values: Sequence[int], size: int, pad: int) -> None:
     dst[len(values): size] = pad
 
 
+def _more_recompiles():
+    """Each graph key (bucket, group class) may need its own compilation: past dynamo's default
+    limit of 8 per function the step silently runs uncompiled (and is captured that way)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return config.patch(**{name: max(64, getattr(config, name))})
+
+
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
                  num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True,
@@ -209,10 +217,7 @@ class DecodeGraphs:
         only rewrite this step's own K/V slots with the values the replay writes anyway."""
         model = self.engine.model
         fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
-        # Each graph key (bucket, group class) may need its own compilation: past dynamo's default
-        # limit of 8 per function the step silently runs uncompiled (and is captured that way).
-        recompiles = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
-        with torch.inference_mode(), paged_attention_enabled(model), fused, recompiles:
+        with torch.inference_mode(), paged_attention_enabled(model), fused, _more_recompiles():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

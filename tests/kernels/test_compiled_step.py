@@ -74,3 +74,15 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse):
     # 7 projections per layer + the LM head; fused: q/k/v and gate/up are one GEMM each
     per_layer = 4 if fuse else 7
     assert traced[0].count("linear(") == engine.shape.num_layers * per_layer + 1
+
+
+def test_capture_raises_dynamo_recompile_limit_and_restores_it():
+    """Every graph key may compile the step once more; past dynamo's limit (8) it would silently
+    run, and be captured, uncompiled."""
+    from sharedecode.cuda_graphs import _more_recompiles
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    with _more_recompiles():
+        assert config.recompile_limit >= 64
+    assert config.recompile_limit == before
