@@ -121,10 +121,14 @@ def _put(dst: np.ndarray, values: Sequence[int], size: int, pad: int) -> None:
 
 def _more_recompiles():
     """Each graph key (bucket, group class) may need its own compilation: past dynamo's default
-    limit of 8 per function the step silently runs uncompiled (and is captured that way)."""
+    limit of 8 per function the step silently runs uncompiled (and is captured that way). Raise
+    the limit, and past it fail loudly, so that `_warm_up` warns and captures the eager step."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    return config.patch(**{name: max(64, getattr(config, name))})
+    changes = {name: max(64, getattr(config, name))}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        changes["fail_on_recompile_limit_hit"] = True
+    return config.patch(**changes)
 
 
 class DecodeGraphs:

@@ -85,4 +85,5 @@ def test_capture_raises_dynamo_recompile_limit_and_restores_it():
     before = config.recompile_limit
     with _more_recompiles():
         assert config.recompile_limit >= 64
-    assert config.recompile_limit == before
+        assert config.fail_on_recompile_limit_hit  # past it: an error, so the fallback warns
+    assert config.recompile_limit == before and not config.fail_on_recompile_limit_hit
