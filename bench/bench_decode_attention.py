@@ -6,7 +6,7 @@ in L2 when its turn comes) and times its replays; the figure is microseconds per
 split-KV count (auto = what the graph path gets without a context hint), key tile, K loaded as
 [N, D] rows. Every variant is checked against the float32 torch reference first.
 
-    python bench/bench_decode_attention.py --out $OUT/decode_attention.json
+    COMMIT=<sha> python bench/bench_decode_attention.py --out $OUT/decode_attention.json [--head-dim 128]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -79,7 +80,10 @@ def main() -> None:
     variants["auto_rows"] = dict(_config={"k_rows": True})
     for splits in (16, 32):
         variants[f"s{splits}_t64"] = dict(num_splits=splits, _config={"tile_n": 64})
+    import triton
+
     report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "triton": triton.__version__, "commit": os.environ.get("COMMIT", "unknown"),
               "shapes": dict(Hq=HQ, Hkv=HKV, D=D, block_size=BS, layers=LAYERS), "cases": []}
     for batch, ctx in CASES if D == 64 else CASES_128:
         pools, tables, context, queries = make_layers(batch, ctx, device)

@@ -5,7 +5,7 @@ host work before the replay, the replay on the device (CUDA events) and the rest
 one replayed step (torch profiler, sorted by device time); then one run of W-sample 64, W-shared 256
 and W-beam-batch under the profiler: wall time, device-busy time, and the top host and device ops.
 
-    python bench/profile_gpu.py --out $OUT/profile.json [--model M1] [--only W-shared]
+    COMMIT=<sha> python bench/profile_gpu.py --out $OUT/profile.json [--model M1] [--only W-shared]
 """
 
 from __future__ import annotations
@@ -120,7 +120,11 @@ def main() -> None:
     device = torch.device("cuda")
     model = build_model(args.model, device, torch.bfloat16)
     engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30)
+    import transformers
+    import triton
+
     report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "triton": triton.__version__, "transformers": transformers.__version__,
               "commit": os.environ.get("COMMIT", "unknown"), "model": args.model, "decode": [],
               "workloads": []}
     for batch in (8, 64):
