@@ -63,14 +63,6 @@ class StopRule:
             return "length"
         return None
 
-    def finish_reason_after(self, generated: list[int], token: int) -> str | None:
-        """`finish_reason(generated + [token])`, building that list only when stop strings need it."""
-        if token in self.eos_token_ids:
-            return "eos"
-        if self.stop_strings:
-            return self.finish_reason(generated + [token])
-        return "length" if len(generated) + 1 >= self.max_new_tokens else None
-
     def stop_index(self, generated: list[int]) -> int | None:
         """Where the first stop string starts in the decoded text, if the newest token completed one."""
         longest = max(len(s) for s in self.stop_strings)

@@ -235,7 +235,7 @@ class BeamRequest(Request):
         """Each candidate's `StopRule.finish_reason` (every beam holds num_generated tokens)."""
         rule = self.rule
         if rule.stop_strings:
-            return [rule.finish_reason_after(self.running_generated[b], t) for b, t in zip(beam_of, token_of)]
+            return [rule.finish_reason(self.running_generated[b] + [t]) for b, t in zip(beam_of, token_of)]
         at_limit = "length" if self.num_generated + 1 >= rule.max_new_tokens else None
         eos = rule.eos_token_ids
         return ["eos" if t in eos else at_limit for t in token_of]
