@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_attention import _merge_partials, _online_softmax_step, _scaled_scores
+    from .paged_attention import _attend_tiles, _merge_partials
 
 __all__ = ["PrefixGroups", "GroupLayout", "find_prefix_groups", "group_shared_prefixes",
            "layout_groups", "prefix_groups_to_device", "shared_prefix_decode",
@@ -186,40 +186,6 @@ def find_prefix_groups(block_tables, context_lens, block_size, min_group=2, memb
 if HAS_TRITON:
 
     @triton.jit
-    def _attend(acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
-                stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
-                D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                DOT_F32: tl.constexpr):
-        """Online softmax (log2 domain) of q's rows over key tiles [tile_lo, tile_hi), keeping
-        keys kv_lo <= pos < kv_hi. K is loaded [N, D] like V, so both are 16-byte loads along D
-        (the [D, N] pointer layout compiled to 2-byte loads on sm_90), and transposed in the dot.
-        Rows of q that are padding are not masked: they are never stored."""
-        offs_n = tl.arange(0, TILE_N)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < D
-        for t in range(tile_lo, tile_hi):
-            kpos = t * TILE_N + offs_n
-            kmask = (kpos >= kv_lo) & (kpos < kv_hi)
-            blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
-            off = (kpos % BS).to(tl.int64)
-            ld_mask = kmask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + (blk * stride_kb + off * stride_kt)[:, None] + offs_d[None, :],
-                        mask=ld_mask, other=0.0)                                 # [N, D]
-            v = tl.load(v_base + (blk * stride_vb + off * stride_vt)[:, None] + offs_d[None, :],
-                        mask=ld_mask, other=0.0)                                 # [N, D]
-            if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _scaled_scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, softcap,
-                               HAS_SOFTCAP)                                      # [M, N] fp32
-            mask = kmask[None, :]
-            if HAS_WINDOW:
-                mask = mask & (kpos[None, :] > qpos[:, None] - window)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(mask, s, float("-inf")), v, PREC)
-        return acc, m_i, l_i
-
-    @triton.jit
     def _split_range(kv_lo, kv_hi, split, TILE_N: tl.constexpr, SPLITS: tl.constexpr):
         """Key tiles [lo, hi) of split ``split`` when [kv_lo, kv_hi) is cut into SPLITS pieces."""
         tile_lo = kv_lo // TILE_N
@@ -247,15 +213,18 @@ if HAS_TRITON:
                            D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
                            DOT_F32: tl.constexpr):
-        """Attend q's rows to key tiles [tile_lo, tile_hi) from a fresh softmax state and store
-        the fp32 partial and its lse at pbase (one split's slot)."""
+        """Attend q's rows to key tiles [tile_lo, tile_hi) (keys kv_lo <= pos < kv_hi, K loaded
+        as [N, D] rows) from a fresh softmax state and store the fp32 partial and its lse at pbase
+        (one split's slot)."""
+        offs_d = tl.arange(0, D_PAD)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        acc, m_i, l_i = _attend(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
-            stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window, D, D_PAD, BS,
-            TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
+        every_row = tl.full([BLOCK_M], 1, tl.int1)  # padding rows need no mask: they are never stored
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos, every_row,
+            offs_d, offs_d < D, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+            BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True)
         _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
 
     @triton.jit
