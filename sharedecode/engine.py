@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from sharedecode.attention import BACKENDS, PagedBatch, check_supported, paged_attention_enabled
 from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, KVCacheStats, is_power_of_two
 from sharedecode.kv_pool import KVLayout, KVPool, free_device_bytes
+from sharedecode.sampling import to_device
 
 if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_INTERPRET before that
     from sharedecode.kernels.shared_prefix import PrefixGroups
@@ -301,9 +302,9 @@ class Engine:
 
     def _apply_copies(self) -> None:
         copies = self.allocator.take_copies()
-        if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
+        if copies:  # pinned, non-blocking copies: no host sync in the decode loop
+            src = to_device([s for s, _ in copies], self.device)
+            dst = to_device([d for _, d in copies], self.device)
             self.pool.copy_blocks(src, dst)
 
     def _forward(self, ids, positions, slots, tables, context_lens, query_lens, keep, *, is_decode,
