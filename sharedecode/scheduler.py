@@ -270,19 +270,21 @@ class Scheduler:
         engine = self.engine
         while True:
             tables = [b.table for r in running for b in r.pending]
-            needed = engine.blocks_needed_for_decode(tables)
-            if needed <= engine.num_free_blocks:
+            tokens = [b.next_token for r in running for b in r.pending]
+            try:  # the engine checks the step's blocks first and changes nothing when they don't fit
+                logits = engine.decode(tables, tokens)
                 break
-            if len(running) == 1:
-                raise KVCacheFull(
-                    f"one request's {len(tables)} sequences need {needed} new KV blocks for their next "
-                    f"token, {engine.num_free_blocks} of {engine.allocator.num_blocks} are free with "
-                    "nothing else running; raise kv_cache_bytes or lower num_beams / n / max_new_tokens"
-                )
+            except KVCacheFull:
+                if len(running) == 1:
+                    needed = engine.blocks_needed_for_decode(tables)
+                    raise KVCacheFull(
+                        f"one request's {len(tables)} sequences need {needed} new KV blocks for their "
+                        f"next token, {engine.num_free_blocks} of {engine.allocator.num_blocks} are free "
+                        "with nothing else running; raise kv_cache_bytes or lower num_beams / n / "
+                        "max_new_tokens"
+                    ) from None
             victim = running.pop()  # the most recently started
             self._preempt(victim, preempted)
-        tokens = [b.next_token for r in running for b in r.pending]
-        logits = engine.decode(tables, tokens)
         self.stats.decode_steps += 1
         self._track_peak(running)
         # Requests that split their step do the device part first (no host sync), then one
