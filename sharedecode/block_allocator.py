@@ -247,14 +247,13 @@ class BlockAllocator:
         bs = self.block_size
         old = len(table.token_ids)
         new = old + len(token_ids)
-        copy_on_write = bool(old % bs and token_ids and self.ref_counts[table.block_ids[-1]] > 1)
-        needed = self.blocks_for(new) - len(table.block_ids) + copy_on_write  # = blocks_needed_to_append
+        needed = self.blocks_needed_to_append(table, len(token_ids))
         if needed > self.num_free_blocks:
             raise KVCacheFull(
                 f"appending {len(token_ids)} token(s) needs {needed} free KV blocks, "
                 f"{self.num_free_blocks} of {self.num_blocks} are free"
             )
-        if copy_on_write:
+        if old % bs and token_ids and self.ref_counts[table.block_ids[-1]] > 1:  # copy on write
             last = table.block_ids[-1]
             copy = self._take_block()
             self.pending_copies.append((last, copy))
