@@ -44,6 +44,7 @@ class Timeline:
         self.parts: dict[str, float] = {}
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]] = []
         self._gc_start = 0.0
+        self.reset()
         self._install()
 
     def reset(self) -> None:
