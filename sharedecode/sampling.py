@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sharedecode.uploads import to_device
+
 NEG_INF = float("-inf")
 
 
@@ -21,14 +23,6 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-
-
-def to_device(values, device: torch.device, dtype=None) -> torch.Tensor:
-    """A host list or CPU tensor on `device` without synchronising the stream (pinned copy)."""
-    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: list[list[int]], penalty: float) -> torch.Tensor:
@@ -51,14 +45,17 @@ def ban_tokens(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | 
 
 
 def ban_tokens_(scores: torch.Tensor, token_ids: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`ban_tokens` in place (for a tensor the caller owns); returns `scores`."""
-    if not token_ids:
-        return scores
-    ids = to_device(token_ids, scores.device)
-    if rows is None:
-        scores[:, ids] = NEG_INF
-    else:  # a mask instead of row indices: no host sync
-        scores[:, ids] = scores[:, ids].masked_fill(rows[:, None], NEG_INF)
+    """`ban_tokens` in place (for a tensor the caller owns); returns `scores`.
+
+    One column at a time through basic indexing: `scores[:, ids] = ...` with an index tensor is an
+    `index_put_`, which on CUDA waits for the device (on the GPU it held every decode step's host
+    work behind the whole forward)."""
+    for token in dict.fromkeys(token_ids):
+        column = scores[:, token]
+        if rows is None:
+            column.fill_(NEG_INF)
+        else:  # a mask instead of row indices: no host sync
+            column.masked_fill_(rows, NEG_INF)
     return scores
 
 

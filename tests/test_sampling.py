@@ -28,6 +28,7 @@ from sharedecode.sampling import (
     apply_top_k,
     apply_top_p,
     ban_tokens,
+    ban_tokens_,
     process_for_sampling,
     sample,
 )
@@ -124,6 +125,30 @@ def test_min_new_tokens_ban_matches_hf(logits):
     rows = torch.tensor([True, False, True, False, False, True])
     banned = ban_tokens(logits, [2, 3], rows)
     assert torch.isinf(banned[rows][:, [2, 3]]).all() and not torch.isinf(banned[~rows]).any()
+
+
+def test_ban_tokens_in_place_touches_only_the_banned_cells(logits):
+    scores = logits.clone()
+    rows = torch.tensor([True, False, True, False, False, True])
+    assert ban_tokens_(scores, [3, 7, 3], rows) is scores  # a repeated id is harmless
+    expected = logits.clone()
+    expected[rows.nonzero()[:, 0][:, None], torch.tensor([3, 7])] = float("-inf")
+    _same(scores, expected)
+    _same(ban_tokens(logits, []), logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ban_tokens_does_not_synchronise_with_the_device():
+    scores = torch.randn(8, 1000, device="cuda")
+    rows = torch.tensor([True, False] * 4).pin_memory().to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ban_tokens_(scores, [2, 5])
+        ban_tokens_(scores, [7], rows)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isinf(scores[:, [2, 5]]).all() and torch.isinf(scores[::2, 7]).all()
 
 
 @pytest.mark.parametrize("params", [

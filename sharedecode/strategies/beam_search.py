@@ -23,7 +23,8 @@ import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import apply_repetition_penalty, ban_tokens_, to_device
+from sharedecode.sampling import apply_repetition_penalty, ban_tokens_
+from sharedecode.uploads import upload
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
@@ -140,9 +141,9 @@ class BeamRequest(Request):
         banned = [rule.bans_eos(r.num_generated) for r in requests]
         if any(banned):
             rows = None if all(banned) else \
-                to_device([flag for flag in banned for _ in range(k)], log_probs.device)
+                upload([flag for flag in banned for _ in range(k)], log_probs.device, torch.bool)
             log_probs = ban_tokens_(log_probs, rule.eos_token_ids, rows)  # log_probs is ours
-        running = to_device([x for r in requests for x in r.running_scores], log_probs.device, torch.float32)
+        running = upload([x for r in requests for x in r.running_scores], log_probs.device, torch.float32)
         log_probs = (log_probs + running[:, None]).reshape(len(requests), k * vocab)
         topk_log_probs, topk_indices = torch.topk(log_probs, k=first.beams_to_keep)
         for request in requests:

@@ -6,7 +6,8 @@ import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling, to_device
+from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling
+from sharedecode.uploads import upload
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import Strategy, check_float, check_int
 
@@ -56,7 +57,7 @@ class SampleRequest(Request):
             scores = apply_repetition_penalty(scores, histories, s.params.repetition_penalty)
         banned = [rule.bans_eos(len(r.generated[id(r.pending[0])])) for r in requests]
         if any(banned):
-            rows = to_device([flag for flag, n in zip(banned, counts) for _ in range(n)], scores.device)
+            rows = upload([flag for flag, n in zip(banned, counts) for _ in range(n)], scores.device, torch.bool)
             scores = ban_tokens(scores, rule.eos_token_ids, rows) if not all(banned) else \
                 ban_tokens(scores, rule.eos_token_ids)
         if s.params.temperature == 0.0:
