@@ -127,7 +127,11 @@ class BlockAllocator:
         return matched
 
     def blocks_needed_to_allocate(self, token_ids: list[int]) -> int:
-        matched = self._match_prefix(token_ids)
+        return self._blocks_needed(token_ids, self._match_prefix(token_ids))
+
+    def _blocks_needed(self, token_ids: list[int], matched: list[int]) -> int:
+        """Free blocks a prompt whose cached leading blocks are `matched` takes (a cached block at
+        ref count 0 costs one, as it leaves the evictable pool)."""
         revived = sum(1 for b in matched if self.ref_counts[b] == 0)
         return self.blocks_for(len(token_ids)) - len(matched) + revived
 
@@ -206,13 +210,13 @@ class BlockAllocator:
         token_ids = list(token_ids)
         if not token_ids:
             raise ValueError("token_ids must not be empty")
-        needed = self.blocks_needed_to_allocate(token_ids)
+        matched = self._match_prefix(token_ids)  # once: hashing a long prompt is the cost here
+        needed = self._blocks_needed(token_ids, matched)
         if needed > self.num_free_blocks:
             raise KVCacheFull(
                 f"a {len(token_ids)}-token sequence needs {needed} free KV blocks, "
                 f"{self.num_free_blocks} of {self.num_blocks} are free"
             )
-        matched = self._match_prefix(token_ids)
         for block_id in matched:
             if self.ref_counts[block_id] == 0:
                 del self.evictable[block_id]
