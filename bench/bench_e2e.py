@@ -238,6 +238,8 @@ def main():
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
+    parser.add_argument("--skip-hf-batch", action="store_true",
+                        help="skip the HF generate_batch baseline of W-shared (minutes per model)")
     parser.add_argument("--hf-control", action="store_true",
                         help="time HF W-beam k=8 on the model before any engine touches it")
     parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
@@ -352,7 +354,8 @@ def main():
             try:
                 section["workloads"].append(run_workload(*workload[:1], model, engine, workload[1], workload[2],
                                                          workload[3], args.repeats, device,
-                                                         hf_batch=workload[0].startswith("W-shared"),
+                                                         hf_batch=workload[0].startswith("W-shared")
+                                                         and not args.skip_hf_batch,
                                                          ablate_shared_prefix=args.ablate_shared_prefix))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
