@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_
 
 CPU_KV_CACHE_BYTES = 256 * 2**20  # a modest fixed pool for CPU runs
 DEFAULT_GPU_FRACTION = 0.8  # of the memory left free after the model and a warm-up forward
+# The cascade pays only when it skips enough key/value reads: on the H100 (M1, bench/NOTES.md item
+# 15) 4-16 beams or 8 samples of a 512-token prompt (at most 7.7k tokens saved) ran no faster on the
+# device and up to 13% slower end to end; 64 samples (32k) and shared system prompts gained.
+SHARED_PREFIX_MIN_SAVED_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ class Engine:
         shared_prefix: with the triton backend, decode steps whose sequences share leading KV
             blocks (beams or samples of one prompt, prompts sharing a cached system prompt; found
             from the block tables every step) read each shared prefix once per group instead of
-            once per sequence (the shared-prefix "cascade" kernel). False: always the plain kernel.
+            once per sequence (the shared-prefix "cascade" kernel), when a step's groups skip at
+            least `engine.shared_prefix_min_saved_tokens` key/value reads per layer (sum over
+            groups of (members - 1) x shared tokens). False: always the plain kernel.
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class Engine:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = backend
         self.shared_prefix = shared_prefix and backend == "triton"  # torch: the reference path
+        self.shared_prefix_min_saved_tokens = SHARED_PREFIX_MIN_SAVED_TOKENS
         self.shape = ModelShape.from_config(model.config)
         self.layout = KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
                                block_size, self.dtype)
@@ -286,6 +293,9 @@ class Engine:
             from sharedecode.kernels.shared_prefix import group_shared_prefixes
 
             groups = group_shared_prefixes(block_ids, context_lens, bs)
+            if sum((len(members) - 1) * shared for members, shared in groups) * bs \
+                    < self.shared_prefix_min_saved_tokens:
+                groups = []  # too little shared to pay for the cascade's extra programs and merge
         if self.graphs is not None and self.graphs.fits(len(tables), max(map(len, block_ids))):
             self._apply_copies()
             out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups)

@@ -203,6 +203,7 @@ def cascade_calls(monkeypatch):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_engine_decode_through_cascade_matches_hf(model, name, cascade_calls):
     engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    engine.shared_prefix_min_saved_tokens = 0  # these groups are tiny
     assert engine.shared_prefix and engine.graphs is None
     decode_and_check(engine, model, name)
     layers = model.config.num_hidden_layers
@@ -220,6 +221,7 @@ def test_sliding_window_layers_keep_the_plain_kernel(cascade_calls):
     torch.manual_seed(0)
     qwen = transformers.Qwen2ForCausalLM(config).eval()
     engine = Engine(qwen, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    engine.shared_prefix_min_saved_tokens = 0
     decode_and_check(engine, qwen, "beams", steps=2)
     assert len(cascade_calls) == 2  # one full-attention layer, two steps
 
@@ -232,6 +234,20 @@ def test_shared_prefix_off_and_torch_backend_keep_the_plain_path(model, cascade_
     assert cascade_calls == []
 
 
+@pytest.mark.parametrize("margin, used", [(0, True), (1, False)])
+def test_cascade_only_when_the_step_skips_enough_reads(model, cascade_calls, margin, used):
+    engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    tables, _ = setup_scenario(engine, "several_groups")  # 2 prompts x 3 beams and a loner
+    groups = sp.group_shared_prefixes([t.block_ids for t in tables], [t.num_tokens + 1 for t in tables],
+                                      BLOCK)
+    saved = sum((len(members) - 1) * shared * BLOCK for members, shared in groups)
+    assert saved > 0 and engine.shared_prefix_min_saved_tokens > saved  # the default: plain here
+    engine.shared_prefix_min_saved_tokens = saved + margin
+    engine.decode(tables, [5] * len(tables))
+    assert bool(cascade_calls) == used
+    engine.free_all()
+
+
 def test_shared_prefix_option_is_validated(model):
     with pytest.raises(TypeError, match="shared_prefix"):
         Engine(model, backend="triton", kv_cache_bytes=2**20, shared_prefix="yes")
@@ -242,6 +258,7 @@ def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
     """An engine whose decode steps take the CUDA-graph path (static buffers, padded groups,
     graph keys), with the step run eagerly or compiled instead of captured and replayed."""
     engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    engine.shared_prefix_min_saved_tokens = 0
     # 2 own-key splits: the interpreter runs every program, and the default fills a GPU twice
     graphs = DecodeGraphs(engine, max_batch=16, max_context=128, num_splits=2, fuse_projections=False,
                           **graph_kwargs)
