@@ -315,8 +315,15 @@ class BlockAllocator:
         """Drop `table`'s references; blocks at ref 0 go back (hashed ones become evictable)."""
         if self.tables.pop(id(table), None) is None:
             return  # already freed: freeing twice is harmless
+        self._release(table.block_ids)
+        table.block_ids = []
+        table.token_ids = []
+        table.num_computed_blocks = 0
+
+    def _release(self, block_ids: list[int]) -> None:
+        """Drop one reference to each of `block_ids`, last first (the free list's order)."""
         ref_counts = self.ref_counts
-        for block_id in reversed(table.block_ids):
+        for block_id in reversed(block_ids):
             ref_counts[block_id] -= 1
             if ref_counts[block_id] == 0:
                 if self.block_hashes[block_id] is not None and self.computed[block_id]:
@@ -324,9 +331,28 @@ class BlockAllocator:
                 else:  # uncomputed content must never be matched by a later prompt
                     self._forget_hash(block_id)
                     self.free_block_ids.append(block_id)
-        table.block_ids = []
-        table.token_ids = []
-        table.num_computed_blocks = 0
+
+    def fork_into(self, target: BlockTable, source: BlockTable) -> None:
+        """Turn the live `target` into a fork of `source`: the state `free(target)` then
+        `fork(source)` leave (same ref counts, same blocks freed in the same order), but only the
+        blocks past the two tables' common leading run are touched. Beam search turns a pruned beam
+        into a survivor's sibling this way: their shared prompt blocks, most of a table, stay put."""
+        self._check_live(target)
+        self._check_live(source)
+        if target is source:
+            return
+        old, new = target.block_ids, source.block_ids
+        common, limit = 0, min(len(old), len(new))
+        while common < limit and old[common] == new[common]:
+            common += 1
+        ref_counts = self.ref_counts
+        for block_id in new[common:]:  # first: a block in both tails never reaches 0 on the way
+            ref_counts[block_id] += 1
+        self._release(old[common:])
+        target.block_ids = new.copy()
+        target.token_ids = source.token_ids.copy()
+        target.num_cached_tokens = source.num_cached_tokens
+        target.num_computed_blocks = source.num_computed_blocks
 
     def free_all(self) -> None:
         for table in list(self.tables.values()):

@@ -207,6 +207,10 @@ class Engine:
     def fork(self, table: BlockTable) -> BlockTable:
         return self.allocator.fork(table)
 
+    def fork_into(self, target: BlockTable, source: BlockTable) -> None:
+        """Reuse the table `target` as a fork of `source` (see `BlockAllocator.fork_into`)."""
+        self.allocator.fork_into(target, source)
+
     def free(self, table: BlockTable) -> None:
         self.allocator.free(table)
 

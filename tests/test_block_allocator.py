@@ -145,6 +145,54 @@ def test_fork_shares_every_block_and_copies_nothing():
     alloc.check()
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_fork_into_leaves_what_free_then_fork_leaves(seed):
+    """Random tables (shared prompts, forks, copy-on-write appends, computed and cached blocks):
+    fork_into(target, source) against free(target) + fork(source) on a twin allocator."""
+    import copy
+
+    rng = random.Random(seed)
+    alloc = BlockAllocator(64, 4)
+    tables = []
+    prompt = [rng.randrange(50) for _ in range(rng.randint(1, 14))]
+    for _ in range(rng.randint(2, 5)):
+        tables.append(alloc.allocate(prompt if rng.random() < 0.5 else
+                                     prompt[: rng.randint(1, len(prompt))] + [rng.randrange(50)]))
+        alloc.mark_computed(tables[-1])
+    for _ in range(rng.randint(0, 12)):
+        table = rng.choice(tables)
+        if rng.random() < 0.4:
+            tables.append(alloc.fork(table))
+        elif alloc.can_append(table):
+            alloc.append(table, [rng.randrange(50)])
+            if rng.random() < 0.5:
+                alloc.mark_computed(table)
+    target, source = rng.sample(tables, 2)
+    twin = copy.deepcopy((alloc, target, source))
+    alloc.fork_into(target, source)
+    twin_alloc, twin_target, twin_source = twin
+    twin_alloc.tables = {id(t): t for t in twin_alloc.tables.values()}  # keyed by the copies' ids
+    twin_alloc.free(twin_target)
+    child = twin_alloc.fork(twin_source)
+    ours, theirs = snapshot(alloc), snapshot(twin_alloc)
+    assert ours[:7] == theirs[:7] and ours[8:] == theirs[8:]  # all but the tables' registry keys
+    assert (target.block_ids, target.token_ids, target.num_cached_tokens, target.num_computed_blocks) == \
+        (child.block_ids, child.token_ids, child.num_cached_tokens, child.num_computed_blocks)
+    assert alloc.tables[id(target)] is target and target.block_ids is not source.block_ids
+    alloc.fork_into(source, source)  # a table into itself: nothing changes
+    assert snapshot(alloc)[:7] == ours[:7]
+
+
+def test_fork_into_needs_live_tables():
+    alloc = BlockAllocator(8, 4)
+    a, b = alloc.allocate([1, 2, 3, 4, 5]), alloc.allocate([6])
+    alloc.free(b)
+    with pytest.raises(ValueError, match="not live"):
+        alloc.fork_into(a, b)
+    with pytest.raises(ValueError, match="not live"):
+        alloc.fork_into(b, a)
+
+
 def test_fork_on_a_full_cache_needs_no_block():
     alloc, table = full_alloc()
     assert alloc.num_free_blocks == 0

@@ -158,19 +158,28 @@ class BeamRequest(Request):
     def _step_tables(self, engine: Engine, parents: list, top: list[float]) -> None:
         """Select from `top` and branch the survivors out of `parents` (the tables of the rows the
         scores came from; one table may stand for several rows). Each parent's first survivor
-        takes over its table, the others fork it; parents without survivors are freed at once,
-        and so is every parent not handed over when an exception interrupts."""
+        takes over its table; the others fork it, each reusing the table of a parent without
+        survivors while there is one (`fork_into`: only their differing blocks change hands);
+        the parents left over are freed at once, and so is every parent not handed over when an
+        exception interrupts."""
         handed: set[int] = set()
         try:
             survivors = self._select(top)
+            firsts = {id(parents[beam]) for beam, _ in survivors}
+            losers = list({id(t): t for t in parents if id(t) not in firsts}.values())
             self.pending = []
             for beam, token in survivors:  # one by one, so that an interruption frees what exists
                 parent = parents[beam]
-                if id(parent) in handed:
-                    self.pending.append(Branch(engine.fork(parent), token))
-                else:
+                if id(parent) not in handed:
                     self.pending.append(Branch(parent, token))
                     handed.add(id(parent))
+                elif losers:  # in the parents' order, so blocks are freed in the same order
+                    table = losers.pop(0)
+                    engine.fork_into(table, parent)
+                    handed.add(id(table))
+                    self.pending.append(Branch(table, token))
+                else:
+                    self.pending.append(Branch(engine.fork(parent), token))
         finally:
             for table in parents:
                 if id(table) not in handed:
