@@ -342,9 +342,14 @@ class BlockAllocator:
         if target is source:
             return
         old, new = target.block_ids, source.block_ids
-        common, limit = 0, min(len(old), len(new))
-        while common < limit and old[common] == new[common]:
-            common += 1
+        # Any common leading run gives the same result; tables share a prefix of blocks and part
+        # near their ends, so look for the last equal position from the end, and check the run
+        # before it with one C-level comparison.
+        common = min(len(old), len(new))
+        while common and old[common - 1] != new[common - 1]:
+            common -= 1
+        if old[:common] != new[:common]:
+            common = 0
         ref_counts = self.ref_counts
         for block_id in new[common:]:  # first: a block in both tails never reaches 0 on the way
             ref_counts[block_id] += 1
