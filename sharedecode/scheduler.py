@@ -47,6 +47,13 @@ class Request:
 
     def start(self, engine: Engine, table: BlockTable, logits: torch.Tensor) -> None:
         """The prompt was prefilled into `table`; `logits` [V] are its last token's."""
+        self.begin(engine, table)
+        self.step(engine, logits.unsqueeze(0).expand(len(self.pending), -1))
+
+    def begin(self, engine: Engine, table: BlockTable) -> None:
+        """Take over the prefilled `table` and set `pending` up so that the first token is an
+        ordinary step over len(pending) copies of the prompt's last-token logits (strategies with
+        `step_device_group`: the scheduler runs those first steps of all admitted requests as one)."""
         raise NotImplementedError
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
@@ -200,11 +207,20 @@ class Scheduler:
                 self.stats.prefill_tokens_reused += table.num_cached_tokens
                 self.stats.prefill_tokens_computed += table.num_tokens - table.num_cached_tokens
             logits = engine.prefill(tables)
+            begun, rows = [], []
             for row in logits:
                 request, table = batch[0]
                 running.append(request)
-                request.start(engine, table, row)
+                if hasattr(type(request), "step_device_group"):
+                    request.begin(engine, table)
+                    begun.append(request)
+                    rows.append(row)
+                else:
+                    request.start(engine, table, row)
                 batch.pop(0)  # started: the request owns (and frees) its table
+            if begun:  # every first token in one device pass and one transfer, like a decode step
+                counts = [len(r.pending) for r in begun]
+                self._choose(begun, torch.cat([row.expand(n, -1) for row, n in zip(rows, counts)]), counts)
         finally:
             # Tables not handed over because an exception interrupted admission (a request's start
             # included: it may have failed before taking its table; freeing twice is harmless).
@@ -287,10 +303,14 @@ class Scheduler:
             self._preempt(victim, preempted)
         self.stats.decode_steps += 1
         self._track_peak(running)
+        self._choose(running, logits, [len(request.pending) for request in running])
+
+    def _choose(self, running: list[Request], logits: torch.Tensor, counts: list[int]) -> None:
+        """Each request's step on its `counts[i]` rows of `logits`, in order."""
+        engine = self.engine
         # Requests that split their step do the device part first (no host sync), then one
         # transfer brings every request's small result to the host, as Python floats, for the
         # bookkeeping (no per-request tensor op: with hundreds of requests those cost the most).
-        counts = [len(request.pending) for request in running]
         flats, spans = self._step_device(running, logits, counts)
         host = (flats[0] if len(flats) == 1 else torch.cat(flats)).tolist() if flats else []
         offset = 0

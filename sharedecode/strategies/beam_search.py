@@ -103,14 +103,9 @@ class BeamRequest(Request):
         self.heuristic_unsatisfied = True
         self.num_generated = 0
 
-    def start(self, engine: Engine, table, logits: torch.Tensor) -> None:
-        k = self.num_beams
-        try:
-            top = self.step_device(logits.unsqueeze(0).expand(k, -1)).tolist()
-        except BaseException:
-            engine.free(table)
-            raise
-        self._step_tables(engine, [table] * k, top)
+    def begin(self, engine: Engine, table) -> None:
+        # k rows over the one table (scores 0, NEG, ...): the first step's survivors fork it
+        self.pending = [Branch(table, -1) for _ in range(self.num_beams)]
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
         self.step_host(engine, self.step_device(logits).tolist())

@@ -23,17 +23,15 @@ class SampleRequest(Request):
         self.logprobs: dict[int, float] = {}
         self.finished: list[GeneratedSequence] = []
 
-    def start(self, engine: Engine, table, logits: torch.Tensor) -> None:
+    def begin(self, engine: Engine, table) -> None:
         if self.seed is not None:
-            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
-        count = self.strategy.best_of
+            self.generator = torch.Generator(device=engine.device).manual_seed(self.seed)
         self.pending = branches = [Branch(table, -1)]
-        for _ in range(count - 1):  # appended one by one so that an interruption frees what exists
+        for _ in range(self.strategy.best_of - 1):  # one by one: an interruption frees what exists
             branches.append(Branch(engine.fork(table), -1))
         for branch in branches:
             self.generated[id(branch)] = []
             self.logprobs[id(branch)] = 0.0
-        self.step(engine, logits.unsqueeze(0).expand(count, -1))
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
         self.step_host(engine, self.step_device(logits).tolist())
