@@ -153,7 +153,7 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
 
 
 def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
-                 ablate_shared_prefix=False):
+                 ablate_shared_prefix=False, ablate_look_ahead=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -174,6 +174,13 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             plain, _, _ = timed(run_ours, device, repeats)
         finally:
             engine.shared_prefix = True
+    stepped = None
+    if ablate_look_ahead and engine.look_ahead:  # the same run reading each step's results first
+        engine.look_ahead = False
+        try:
+            stepped, _, _ = timed(run_ours, device, repeats)
+        finally:
+            engine.look_ahead = True
     stats = (result[0] if isinstance(result, list) else result).stats
     new_tokens = hf_kwargs["max_new_tokens"]
     outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
@@ -184,6 +191,9 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         "kv_fraction_of_contiguous": stats.peak_kv_bytes / max(1, stats.peak_contiguous_kv_bytes),
         "prefill_tokens_reused": stats.prefill_tokens_reused, "decode_steps": stats.decode_steps,
     }
+    if stepped is not None:
+        row["sharedecode_no_look_ahead_s"] = stepped
+        print(f"  {name:28s} ours {t_ours:7.3f}s with look-ahead, {stepped:7.3f}s without", flush=True)
     if plain is not None:
         row["sharedecode_plain_attention_s"] = plain
         print(f"  {name:28s} ours {t_ours:7.3f}s with shared-prefix decode, {plain:7.3f}s without", flush=True)
@@ -245,6 +255,8 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="capture the uncompiled decode step")
     parser.add_argument("--ablate-shared-prefix", action="store_true",
                         help="also time each workload with plain paged attention (no shared-prefix decode)")
+    parser.add_argument("--ablate-look-ahead", action="store_true",
+                        help="also time each workload without the scheduler's look-ahead")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
     args = parser.parse_args()
@@ -356,7 +368,8 @@ def main():
                                                          workload[3], args.repeats, device,
                                                          hf_batch=workload[0].startswith("W-shared")
                                                          and not args.skip_hf_batch,
-                                                         ablate_shared_prefix=args.ablate_shared_prefix))
+                                                         ablate_shared_prefix=args.ablate_shared_prefix,
+                                                         ablate_look_ahead=args.ablate_look_ahead))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
                 print(f"  {workload[0]} failed: {error!r}", flush=True)

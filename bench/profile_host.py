@@ -103,7 +103,8 @@ def instrumented(engine: Engine):
     timers = Timers()
     wrapped = [(Scheduler, "_decode", "step total", True), (Scheduler, "_step_device", "step_device", False),
                (engine.model, "forward", "forward", False), (Engine, "decode", "decode total", False),
-               (Engine, "fork", "fork/free", False), (Engine, "free", "fork/free", False)]
+               (Engine, "fork", "fork/free", False), (Engine, "free", "fork/free", False),
+               (Engine, "fork_into", "fork/free", False)]
     for name in ("step_host", "step_host_group"):
         if name in vars(BeamRequest):
             wrapped.append((BeamRequest, name, "host total", False))

@@ -72,9 +72,9 @@ class Timeline:
             marks["start_event"] = start
             return key
 
-        def engine_decode(tables, tokens, _decode=engine.decode):
+        def engine_decode(tables, tokens, input_ids=None, _decode=engine.decode):
             t0 = time.perf_counter()
-            out = _decode(tables, tokens)
+            out = _decode(tables, tokens, input_ids)
             t1 = time.perf_counter()
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -92,10 +92,10 @@ class Timeline:
             timeline.parts["step_device"] += time.perf_counter() - t0
             return out
 
-        def decode(scheduler, running, preempted):
+        def decode(scheduler, running, preempted, ahead_allowed=False):
             t0 = time.perf_counter()
             parts = dict(timeline.parts)
-            original_decode(scheduler, running, preempted)
+            original_decode(scheduler, running, preempted, ahead_allowed)
             total = time.perf_counter() - t0
             timeline.parts["decode_total"] += total
             inner = sum(timeline.parts[k] - parts[k] for k in ("decode_host", "launch", "step_device"))
@@ -152,21 +152,21 @@ def main() -> None:
         if args.only and args.only not in name:
             continue
         work = prompts if len(prompts) > 1 else prompts[0]
-        row = {"workload": name, "runs": {"shared_prefix": [], "plain": []}}
-        for shared_prefix in (True, False):  # warm both variants (captures) before timing
-            engine.shared_prefix = shared_prefix
+        variants = {"default": (True, True), "plain": (False, True), "no_look_ahead": (True, False)}
+        row = {"workload": name, "runs": {v: [] for v in variants}}
+        for shared_prefix, look_ahead in variants.values():  # warm every variant (captures) first
+            engine.shared_prefix, engine.look_ahead = shared_prefix, look_ahead
             strategy.run(work)
         for _ in range(args.repeats):
-            for shared_prefix in (True, False):
-                engine.shared_prefix = shared_prefix
+            for variant, (shared_prefix, look_ahead) in variants.items():
+                engine.shared_prefix, engine.look_ahead = shared_prefix, look_ahead
                 timeline.reset()
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 strategy.run(work)
                 torch.cuda.synchronize()
-                row["runs"]["shared_prefix" if shared_prefix else "plain"].append(
-                    timeline.totals(time.perf_counter() - t0))
-        engine.shared_prefix = True
+                row["runs"][variant].append(timeline.totals(time.perf_counter() - t0))
+        engine.shared_prefix, engine.look_ahead = True, True
         for variant, runs in row["runs"].items():
             walls = [r["wall_ms"] for r in runs]
             median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -72,6 +72,9 @@ class KVCacheStats:
         return 0.0 if self.physical_tokens == 0 else self.logical_tokens / self.physical_tokens
 
 
+PENDING_TOKEN = -1  # a token appended before its value is known (the scheduler's look-ahead step)
+
+
 def block_hash(previous: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((previous, token_ids))
 
@@ -198,6 +201,8 @@ class BlockAllocator:
         if index and previous is None:
             return  # the chain is broken (an earlier block was never hashed)
         chunk = tuple(table.token_ids[index * bs : (index + 1) * bs])
+        if PENDING_TOKEN in chunk:
+            return  # hashed by fill_last_tokens once the token is known
         h = block_hash(previous, chunk)
         if h in self.hash_to_block:
             return  # the same content is already cached in another block
@@ -295,6 +300,15 @@ class BlockAllocator:
                 self.append(table, [token])
                 slots.append(table.block_ids[old // bs] * bs + offset)
         return slots
+
+    def fill_last_tokens(self, tables: list[BlockTable], token_ids: list[int]) -> None:
+        """Set each table's last token, appended as PENDING_TOKEN before its value was known, and
+        hash the block it completes (the hashing `append` skipped)."""
+        bs = self.block_size
+        for table, token in zip(tables, token_ids):
+            table.token_ids[-1] = token
+            if len(table.token_ids) % bs == 0:
+                self._register_full_block(table, len(table.token_ids) // bs - 1)
 
     def mark_computed(self, table: BlockTable) -> None:
         """Record that the KV of all of `table`'s tokens has been written (after a forward)."""

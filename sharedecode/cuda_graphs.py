@@ -244,9 +244,12 @@ class DecodeGraphs:
         return key if key in self.graphs or captured < self.max_group_graphs else GraphKey(size, 0, 0)
 
     def stage(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-              context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = ()) -> GraphKey:
+              context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
+              input_ids: torch.Tensor | None = None) -> GraphKey:
         """Copy a step's inputs into the static buffers; returns the key of the graph to replay.
-        `groups`: from group_shared_prefixes over `tables` and `context_lens`."""
+        `groups`: from group_shared_prefixes over `tables` and `context_lens`. `input_ids`: the
+        tokens as a device tensor instead of `token_ids` (copied on the device, after the staging
+        copy, in stream order)."""
         n = len(token_ids)
         layout = layout_groups(groups, n, self.engine.block_size, MEMBERS_PER_CHUNK) if groups else None
         key = self.graph_key(n, layout)
@@ -269,6 +272,8 @@ class DecodeGraphs:
             device = self.staging.device
             rows = device["block_rows"][: k * width].view(k, width)
             self.block_tables[:, :width].index_copy_(0, device["changed_rows"][:k], rows)
+        if input_ids is not None:
+            self.staging.device["input_ids"][:n].copy_(input_ids)
         return key
 
     def _changed_rows(self, tables: list[list[int]]) -> list[int]:
@@ -282,8 +287,9 @@ class DecodeGraphs:
         return changed
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = ()) -> torch.Tensor:
-        key = self.stage(token_ids, positions, slots, tables, context_lens, groups)
+            context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
+            input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        key = self.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids)
         if key not in self.graphs:
             self._capture(key)
         graph, logits = self.graphs[key]

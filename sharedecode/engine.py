@@ -95,6 +95,9 @@ class Engine:
             once per sequence (the shared-prefix "cascade" kernel), when a step's groups skip at
             least `engine.shared_prefix_min_saved_tokens` key/value reads per layer (sum over
             groups of (members - 1) x shared tokens). False: always the plain kernel.
+        look_ahead: let the scheduler launch a sampling or greedy step before reading the previous
+            step's results (its input tokens stay on the device), so that the host's bookkeeping
+            overlaps the next forward; the tokens are the same either way (see `Scheduler`).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Engine:
         cuda_graphs: bool = True,
         compile: bool = True,
         shared_prefix: bool = True,
+        look_ahead: bool = True,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -127,6 +131,8 @@ class Engine:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if not isinstance(shared_prefix, bool):
             raise TypeError(f"shared_prefix must be True or False, got {shared_prefix!r}")
+        if not isinstance(look_ahead, bool):
+            raise TypeError(f"look_ahead must be True or False, got {look_ahead!r}")
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         dtype = resolve_dtype(dtype)
@@ -148,6 +154,7 @@ class Engine:
         self.backend = backend
         self.shared_prefix = shared_prefix and backend == "triton"  # torch: the reference path
         self.shared_prefix_min_saved_tokens = SHARED_PREFIX_MIN_SAVED_TOKENS
+        self.look_ahead = look_ahead
         self.shape = ModelShape.from_config(model.config)
         self.layout = KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
                                block_size, self.dtype)
@@ -276,9 +283,13 @@ class Engine:
         for row, index in enumerate(finished):
             logits[index] = out[row]
 
-    def decode(self, tables: list[BlockTable], token_ids: list[int]) -> torch.Tensor:
+    def decode(self, tables: list[BlockTable], token_ids: list[int],
+               input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Append one token to each table and run one forward for all; returns logits [S, V].
 
+        `input_ids` (int64 [S] on the device): the tokens to feed when the host does not know them
+        yet (a step launched before the previous one's results were read); `token_ids` then holds
+        PENDING_TOKEN for each, set later with `allocator.fill_last_tokens`.
         Raises KVCacheFull (changing nothing) when the step's new blocks do not fit.
         """
         if len(tables) != len(token_ids):
@@ -302,15 +313,17 @@ class Engine:
                 groups = []  # too little shared to pay for the cascade's extra programs and merge
         if self.graphs is not None and self.graphs.fits(len(tables), max(map(len, block_ids))):
             self._apply_copies()
-            out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups)
+            out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups,
+                                  input_ids=input_ids)
         else:
             prefix_groups = None
             if groups:
                 from sharedecode.kernels.shared_prefix import prefix_groups_to_device
 
                 prefix_groups = prefix_groups_to_device(groups, context_lens, bs, self.device)
-            out = self._forward(list(token_ids), positions, slots, tables, context_lens,
-                                [1] * len(tables), None, is_decode=True, prefix_groups=prefix_groups)
+            out = self._forward(list(token_ids) if input_ids is None else input_ids, positions, slots,
+                                tables, context_lens, [1] * len(tables), None, is_decode=True,
+                                prefix_groups=prefix_groups)
         self.allocator.mark_all_computed(tables)
         return out
 
@@ -351,7 +364,8 @@ class Engine:
             is_decode=is_decode,
             prefix_groups=prefix_groups,
         )
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        # ids: a list, or a device tensor of tokens the host has not read (a look-ahead step)
+        input_ids = ids[None] if isinstance(ids, torch.Tensor) else torch.tensor([ids], dtype=torch.long, device=device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)
         kwargs = {}
         if keep is not None and self._keeps_logits:

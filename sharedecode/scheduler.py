@@ -13,6 +13,14 @@ any new admission) by recomputing them (a prefill whose last-token logits are wh
 would have given), counting the blocks its branches share (their prompt) once. Only a request that
 cannot fit even alone raises `KVCacheFull`; every exception, and closing the iteration early, frees
 every block the requests hold.
+
+Look-ahead: when every running request allows it (sampling and greedy without a repetition penalty,
+with no request waiting), the next step is launched before this step's results are read, its input
+tokens taken on the device from this step's choices, so that the host's bookkeeping of one step
+overlaps the device's forward of the next. A sequence that stops is seen one step late: its row of
+the step launched ahead is discarded and its blocks freed then. The tokens are the same either way
+(noise is drawn per started sequence); that extra row can move scores in their last bits, as any
+change of the batch does.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from typing import Iterator
 
 import torch
 
-from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, block_hash
+from sharedecode.block_allocator import PENDING_TOKEN, BlockAllocator, BlockTable, KVCacheFull, block_hash
 from sharedecode.engine import Engine
 from sharedecode.results import GenerationStats
+from sharedecode.uploads import upload
 
 
 @dataclass(eq=False)
@@ -37,6 +46,19 @@ class Branch:
     saved_tokens: list[int] | None = None  # tokens to recompute while preempted
 
 
+@dataclass(eq=False)
+class LaunchedStep:
+    """A step whose device part is queued and whose results are not read yet."""
+
+    requests: list["Request"]
+    rows: list[list[Branch]]  # each request's branches as launched, one logits row each
+    logits: torch.Tensor
+    spans: list[tuple[int, int] | None]  # each request's span of the flat results (None: steps whole)
+    flat: torch.Tensor | None  # the flat results on the device
+    results: torch.Tensor | None  # their copy in host memory (pinned on CUDA), filled asynchronously
+    copied: torch.cuda.Event | None
+
+
 class Request:
     """One prompt's decoding state; subclassed by each strategy."""
 
@@ -44,6 +66,18 @@ class Request:
         self.prompt = prompt
         self.pending: list[Branch] = []
         self.done = False
+        self.steps_in_flight = 0  # decode steps launched whose results this request has not read
+
+    def can_look_ahead(self) -> bool:
+        """Whether its next step may be launched before this step's results are read: its inputs
+        are then the chosen tokens still on the device (`chosen_tokens`), and this step's
+        outcome (a stop, a finished sequence) is seen one step late, its extra row discarded."""
+        return False
+
+    @staticmethod
+    def chosen_tokens(results: torch.Tensor) -> torch.Tensor:
+        """The token chosen for each row, on the device, from a look-ahead request's flat results."""
+        raise NotImplementedError
 
     def start(self, engine: Engine, table: BlockTable, logits: torch.Tensor) -> None:
         """The prompt was prefilled into `table`; `logits` [V] are its last token's."""
@@ -128,9 +162,15 @@ class Scheduler:
     alone in the cache is always admitted or resumed, or raises KVCacheFull when it cannot fit.
     """
 
-    def __init__(self, engine: Engine, stats: GenerationStats | None = None):
+    def __init__(self, engine: Engine, stats: GenerationStats | None = None, look_ahead: bool | None = None):
+        if look_ahead is None:
+            look_ahead = engine.look_ahead
+        if not isinstance(look_ahead, bool):
+            raise TypeError(f"look_ahead must be True or False, got {look_ahead!r}")
         self.engine = engine
         self.stats = stats or GenerationStats()
+        self.look_ahead = look_ahead
+        self._in_flight: LaunchedStep | None = None  # launched ahead, results not read
 
     def run(self, requests: list[Request]) -> None:
         """Run `requests` to completion."""
@@ -149,16 +189,18 @@ class Scheduler:
         try:
             self._check_fits_alone(waiting)
             while waiting or preempted or running:
-                self._resume(preempted, running)
-                running = [r for r in running if not r.done]
-                if not preempted:
-                    self._admit(waiting, running)
+                if self._in_flight is None:  # (look-ahead runs only with nothing waiting)
+                    self._resume(preempted, running)
                     running = [r for r in running if not r.done]
+                    if not preempted:
+                        self._admit(waiting, running)
+                        running = [r for r in running if not r.done]
                 if running:
-                    self._decode(running, preempted)
+                    self._decode(running, preempted, ahead_allowed=not waiting and not preempted)
                     running = [r for r in running if not r.done]
                 yield running
         finally:
+            self._in_flight = None  # a step launched ahead writes only into blocks freed below
             for request in requests:
                 request.release(self.engine)
             self.stats.wall_time_s += time.perf_counter() - start
@@ -219,8 +261,8 @@ class Scheduler:
                     request.start(engine, table, row)
                 batch.pop(0)  # started: the request owns (and frees) its table
             if begun:  # every first token in one device pass and one transfer, like a decode step
-                counts = [len(r.pending) for r in begun]
-                self._choose(begun, torch.cat([row.expand(n, -1) for row, n in zip(rows, counts)]), counts)
+                logits = torch.cat([row.expand(len(r.pending), -1) for row, r in zip(rows, begun)])
+                self._finish(self._queue_choice(begun, logits))
         finally:
             # Tables not handed over because an exception interrupted admission (a request's start
             # included: it may have failed before taking its table; freeing twice is harmless).
@@ -280,9 +322,19 @@ class Scheduler:
         self.stats.preemptions += 1
 
     # ---------------------------------------------------------------- decoding
-    def _decode(self, running: list[Request], preempted: list[Request]) -> None:
-        """One decode step of every running request; when the step's blocks do not fit, the most
-        recently started requests are preempted first. Alone and not fitting: KVCacheFull."""
+    def _decode(self, running: list[Request], preempted: list[Request], ahead_allowed: bool = False) -> None:
+        """One decode step of every running request (the one launched ahead, if any): launch it,
+        launch the next one ahead when every request allows it, then read this one's results."""
+        step = self._in_flight or self._launch(running, preempted)
+        self._in_flight = None
+        if ahead_allowed and self.look_ahead and all(r.can_look_ahead() for r in running) \
+                and len({type(r) for r in running}) == 1:
+            self._in_flight = self._launch_ahead(running, step)
+        self._finish(step, self._in_flight)
+
+    def _launch(self, running: list[Request], preempted: list[Request]) -> LaunchedStep:
+        """Launch one step from the host's tokens; when its blocks do not fit, the most recently
+        started requests are preempted first. Alone and not fitting: KVCacheFull."""
         engine = self.engine
         while True:
             tables = [b.table for r in running for b in r.pending]
@@ -303,23 +355,69 @@ class Scheduler:
             self._preempt(victim, preempted)
         self.stats.decode_steps += 1
         self._track_peak(running)
-        self._choose(running, logits, [len(request.pending) for request in running])
+        return self._queue_choice(running, logits)
 
-    def _choose(self, running: list[Request], logits: torch.Tensor, counts: list[int]) -> None:
-        """Each request's step on its `counts[i]` rows of `logits`, in order."""
+    def _launch_ahead(self, running: list[Request], step: LaunchedStep) -> LaunchedStep | None:
+        """Launch the step after `step` before reading its results: each branch's input is the
+        token `step` chose for it, still on the device (placeholders in the block tables until
+        `_finish` fills them in). None when its blocks do not fit (the next call launches it the
+        ordinary way, preempting if it must)."""
+        chosen = type(running[0]).chosen_tokens(step.flat)
+        launched = [b for rows in step.rows for b in rows]
+        branches = [b for r in running for b in r.pending]
+        if branches != launched:  # some sequences stopped at an earlier step: their rows drop out
+            where = {id(b): i for i, b in enumerate(launched)}
+            chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
+        try:
+            logits = self.engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches),
+                                        input_ids=chosen)
+        except KVCacheFull:
+            return None
+        self.stats.decode_steps += 1
+        self._track_peak(running)
+        return self._queue_choice(running, logits)
+
+    def _queue_choice(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep:
+        """Queue the requests' device part of a step on `logits` (each request's `len(pending)`
+        rows, in order) and the copy of its small results to host memory, without waiting."""
+        rows = [list(r.pending) for r in requests]
+        flats, spans = self._step_device(requests, logits, [len(r) for r in rows])
+        flat = results = copied = None
+        if flats:
+            flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+            results = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
+            results.copy_(flat, non_blocking=True)
+            if flat.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+        for request in requests:
+            request.steps_in_flight += 1
+        return LaunchedStep(requests, rows, logits, spans, flat, results, copied)
+
+    def _finish(self, step: LaunchedStep, ahead: LaunchedStep | None = None) -> None:
+        """Read `step`'s results and let each request do its host part (one transfer for all of
+        them: no per-request tensor op, which with hundreds of requests costs the most). A request
+        finished while `step` was queued ignores its rows. With `ahead` launched from this step's
+        device tokens, the block tables get those tokens now that the host knows them."""
         engine = self.engine
-        # Requests that split their step do the device part first (no host sync), then one
-        # transfer brings every request's small result to the host, as Python floats, for the
-        # bookkeeping (no per-request tensor op: with hundreds of requests those cost the most).
-        flats, spans = self._step_device(running, logits, counts)
-        host = (flats[0] if len(flats) == 1 else torch.cat(flats)).tolist() if flats else []
+        if step.copied is not None:
+            step.copied.synchronize()
+        host = step.results.tolist() if step.results is not None else []
         offset = 0
-        for request, span, count in zip(running, spans, counts):
-            if span is None:
-                request.step(engine, logits[offset : offset + count])
-            else:
+        for request, rows, span in zip(step.requests, step.rows, step.spans):
+            request.steps_in_flight -= 1
+            if request.done:
+                pass
+            elif span is None:
+                request.step(engine, step.logits[offset : offset + len(rows)])
+            elif rows == request.pending:
                 request.step_host(engine, host[span[0] : span[1]])
-            offset += count
+            else:  # branches that stopped at an earlier step still have rows here
+                request.step_host(engine, host[span[0] : span[1]], rows)
+            offset += len(rows)
+        if ahead is not None:
+            live = [b for rows in ahead.rows for b in rows if b.table is not None]
+            engine.allocator.fill_last_tokens([b.table for b in live], [b.next_token for b in live])
 
     @staticmethod
     def _step_device(running: list[Request], logits: torch.Tensor,

@@ -21,6 +21,8 @@ class SampleRequest(Request):
         self.generator: torch.Generator | None = None
         self.generated: dict[int, list[int]] = {}  # by id(branch)
         self.logprobs: dict[int, float] = {}
+        self.slots: dict[int, int] = {}  # by id(branch): its row of the request's noise draw
+        self.num_generated = 0  # tokens each live branch holds (they all step together)
         self.finished: list[GeneratedSequence] = []
 
     def begin(self, engine: Engine, table) -> None:
@@ -29,9 +31,19 @@ class SampleRequest(Request):
         self.pending = branches = [Branch(table, -1)]
         for _ in range(self.strategy.best_of - 1):  # one by one: an interruption frees what exists
             branches.append(Branch(engine.fork(table), -1))
-        for branch in branches:
+        for slot, branch in enumerate(branches):
             self.generated[id(branch)] = []
             self.logprobs[id(branch)] = 0.0
+            self.slots[id(branch)] = slot
+
+    def can_look_ahead(self) -> bool:
+        # the penalty needs every token on the host; the step ahead must still be needed
+        return (self.strategy.params.repetition_penalty == 1.0 and not self.done
+                and self.num_generated + self.steps_in_flight < self.rule.max_new_tokens)
+
+    @staticmethod
+    def chosen_tokens(results: torch.Tensor) -> torch.Tensor:
+        return results.view(-1, 2)[:, 0].long()  # (token, logprob) pairs, exact in float64
 
     def step(self, engine: Engine, logits: torch.Tensor) -> None:
         self.step_host(engine, self.step_device(logits).tolist())
@@ -53,7 +65,8 @@ class SampleRequest(Request):
         if s.params.repetition_penalty != 1.0:
             histories = [r.prompt + r.generated[id(b)] for r in requests for b in r.pending]
             scores = apply_repetition_penalty(scores, histories, s.params.repetition_penalty)
-        banned = [rule.bans_eos(len(r.generated[id(r.pending[0])])) for r in requests]
+        # (a step launched ahead counts the tokens of the steps before it not read yet)
+        banned = [rule.bans_eos(r.num_generated + r.steps_in_flight) for r in requests]
         if any(banned):
             rows = upload([flag for flag, n in zip(banned, counts) for _ in range(n)], scores.device, torch.bool)
             scores = ban_tokens(scores, rule.eos_token_ids, rows) if not all(banned) else \
@@ -64,19 +77,33 @@ class SampleRequest(Request):
         else:
             scores = process_for_sampling(scores, s.params)
             logprobs = torch.log_softmax(scores, dim=-1)
-            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync;
-            # each request draws its rows from its own generator (seeded requests stay reproducible).
-            noise = torch.cat([torch.empty((n, scores.shape[-1]), device=scores.device)
-                               .exponential_(generator=r.generator) for r, n in zip(requests, counts)])
+            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
+            # Each request draws a row for every branch it started with from its own generator
+            # (seeded requests stay reproducible), so the draws do not depend on when a sequence
+            # stopped or was seen to stop (a step launched ahead still has its row).
+            noise = torch.cat([SampleRequest._noise(r, scores.shape[-1], scores.device) for r in requests])
             tokens = (logprobs.exp() / noise).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
         pairs = torch.stack((tokens.double(), chosen.double()), dim=1)  # [rows, 2], exact in float64
         return pairs.reshape(-1), [2 * n for n in counts]
 
-    def step_host(self, engine: Engine, chosen: list[float]) -> None:
+    def _noise(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise for each pending branch: rows of one draw of `best_of` rows."""
+        noise = torch.empty((self.strategy.best_of, vocab), device=device).exponential_(generator=self.generator)
+        if len(self.pending) == self.strategy.best_of:
+            return noise
+        return noise.index_select(0, upload([self.slots[id(b)] for b in self.pending], device, torch.int64))
+
+    def step_host(self, engine: Engine, chosen: list[float], rows: list[Branch] | None = None) -> None:
         """Record the chosen tokens (`chosen`: token, log-probability for each branch, as floats);
-        finished branches give their blocks back at once."""
+        finished branches give their blocks back at once. `rows`: the branches the step was
+        launched for, when some of them stopped since (their values are skipped)."""
         rule, generated, logprobs = self.rule, self.generated, self.logprobs
+        if rows is not None:
+            live = {id(b) for b in self.pending}
+            values = [(b, t, lp) for b, t, lp in zip(rows, chosen[0::2], chosen[1::2]) if id(b) in live]
+            chosen = [x for _, t, lp in values for x in (t, lp)]
+        self.num_generated += 1
         still_running = []
         for branch, token, logprob in zip(self.pending, map(int, chosen[0::2]), chosen[1::2]):
             key = id(branch)

@@ -265,8 +265,8 @@ def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
     graphs.compiled = compiled and torch.compile(graphs._model_step, backend=compiled)
     keys = []
 
-    def run_uncaptured(token_ids, *args):
-        keys.append(graphs.stage(token_ids, *args))
+    def run_uncaptured(token_ids, *args, input_ids=None):
+        keys.append(graphs.stage(token_ids, *args, input_ids=input_ids))
         with torch.inference_mode(), paged_attention_enabled(model):
             return graphs._forward(keys[-1])[: len(token_ids)].clone()
 
@@ -321,3 +321,27 @@ def test_staged_block_tables_follow_every_change(model):
         graphs.stage(list(range(n)), [0] * n, [0] * n, live, [len(t) * BLOCK for t in live])
         for row, ids in enumerate(live):
             assert graphs.block_tables[row, : len(ids)].tolist() == ids
+
+
+def test_graph_path_takes_look_ahead_tokens_from_the_device(model, monkeypatch):
+    # Greedy with EOS off: every step after the first is launched ahead, its input ids copied
+    # into the static buffer on the device; the tokens match the torch backend stepping alone.
+    from sharedecode.strategies import Greedy
+
+    engine, keys = graph_engine(model, monkeypatch)
+    fed = []
+    stage = engine.graphs.stage
+
+    def recording_stage(*args, input_ids=None):
+        fed.append(input_ids is not None)
+        return stage(*args, input_ids=input_ids)
+
+    monkeypatch.setattr(engine.graphs, "stage", recording_stage)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 17)]
+    ours = Greedy(engine, max_new_tokens=6, eos_token_id=[]).run(prompts)
+    reference = Engine(model, backend="torch", block_size=BLOCK, kv_cache_bytes=2**20)
+    theirs = Greedy(reference, max_new_tokens=6, eos_token_id=[]).run(prompts)
+    assert [r.sequences[0].token_ids for r in ours] == [r.sequences[0].token_ids for r in theirs]
+    assert sum(fed) == 4 and len(fed) == 5  # steps 2-6 are decodes; all but the first ahead
+    assert engine.kv_stats().blocks_in_use == 0

@@ -1,0 +1,127 @@
+"""The scheduler's look-ahead (the next step launched before this step's results are read) gives
+the tokens of stepping one at a time, frees every block, and really runs ahead. Scores agree to
+float rounding: a row kept one step longer changes the batch, and a batch's composition moves a
+GEMM's last bits (as any other request sharing the batch does).
+
+Sampling and greedy on a tiny random Llama (CPU, torch backend), with EOS likely enough that
+sequences stop at different steps (seen one step late ahead), best_of > n, seeds, minimum
+lengths, several requests, and a cache small enough to force the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sharedecode.engine import Engine
+from sharedecode.scheduler import Scheduler
+from sharedecode.strategies import Greedy, ParallelSampling
+
+VOCAB = 64
+EOS = [2, 3]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+        model.lm_head.weight[EOS[0]].mul_(2.0)  # EOS likely at some steps
+    return model
+
+
+def run(make, prompts, look_ahead: bool, calls: list | None = None, kv_bytes: int = 2**20):
+    """`make(engine)` -> strategy, on a fresh engine (a reused one would reuse cached prompt blocks,
+    whose logits differ in the last bits from recomputed ones)."""
+    engine = Engine(make.model, backend="torch", block_size=4, kv_cache_bytes=kv_bytes, look_ahead=look_ahead)
+    strategy = make(engine)
+    original = engine.decode
+
+    def decode(tables, tokens, input_ids=None):
+        if calls is not None:
+            calls.append(input_ids is not None)
+        return original(tables, tokens, input_ids)
+
+    engine.decode = decode
+    results = strategy.run(prompts)
+    assert engine.kv_stats().blocks_in_use == 0
+    return [[(s.token_ids, s.finish_reason, s.score) for s in r.sequences] for r in results]
+
+
+def assert_same(ahead, stepped):
+    assert [[s[:2] for s in r] for r in ahead] == [[s[:2] for s in r] for r in stepped]
+    for r, q in zip(ahead, stepped):
+        assert [s[2] for s in r] == pytest.approx([s[2] for s in q], rel=1e-6)
+
+
+def maker(model, cls, **params):
+    make = functools.partial(cls, **params)
+    make.model = model
+    return make
+
+
+def prompts_for(seed: int, count: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sampling_ahead_gives_the_results_of_stepping_one_at_a_time(model, seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 6)
+    max_new_tokens = rng.randint(1, 24)
+    make = maker(model, ParallelSampling, n=n, best_of=n + rng.randint(0, 2), temperature=rng.choice([0.7, 1.0, 1.3]),
+                 top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 20]), seed=seed,
+                 max_new_tokens=max_new_tokens, min_new_tokens=rng.randint(0, min(3, max_new_tokens)),
+                 eos_token_id=EOS)
+    prompts = prompts_for(seed, rng.randint(1, 4))
+    calls: list[bool] = []
+    ahead = run(make, prompts, True, calls)
+    assert_same(ahead, run(make, prompts, False))
+    if max_new_tokens >= 3:
+        assert any(calls), "no step was launched ahead"
+
+
+def test_greedy_ahead_with_stops_at_different_steps(model):
+    make = maker(model, Greedy, max_new_tokens=30, eos_token_id=EOS)
+    prompts = prompts_for(99, 12)
+    calls: list[bool] = []
+    ahead = run(make, prompts, True, calls)
+    assert_same(ahead, run(make, prompts, False))
+    reasons = {r[0][1] for r in ahead}
+    assert reasons == {"eos", "length"} and sum(calls) > 10  # stops seen one step late, and ahead
+
+
+def test_a_full_cache_falls_back_to_stepping_and_preempting(model):
+    # room for the prompts but not for every sequence to grow: look-ahead meets KVCacheFull and
+    # the ordinary step preempts
+    per_block = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20).layout.bytes_per_block
+    make = maker(model, ParallelSampling, n=4, temperature=1.0, seed=3, max_new_tokens=20, min_new_tokens=20)
+    prompts = prompts_for(5, 3)
+    calls: list[bool] = []
+    ahead = run(make, prompts, True, calls, kv_bytes=per_block * 40)
+    assert_same(ahead, run(make, prompts, False, kv_bytes=per_block * 40))
+    assert any(calls)
+
+
+def test_no_look_ahead_with_a_repetition_penalty(model):
+    calls: list[bool] = []
+    run(maker(model, Greedy, max_new_tokens=8, repetition_penalty=1.3), prompts_for(1, 2), True, calls)
+    assert calls and not any(calls)
+
+
+def test_look_ahead_option_is_validated(model):
+    with pytest.raises(TypeError, match="look_ahead"):
+        Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead="yes")
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=False)
+    assert Scheduler(engine).look_ahead is False and Scheduler(engine, look_ahead=True).look_ahead
+    with pytest.raises(TypeError, match="look_ahead"):
+        Scheduler(engine, look_ahead="yes")
