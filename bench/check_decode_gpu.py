@@ -6,8 +6,11 @@ shared: the shared-prefix cascade in the decode step (Triton eager, CUDA graphs,
 on the workloads where groups appear: 6 beams forked from one prompt (a padded bucket), 64 samples of
 one prompt, 256 requests sharing a cached 1024-token system prompt, 16 prompts x 8 beams. Checks that
 every step took the cascade (eager) or a group graph (graphs), and exits 1 on any mismatch.
+look_ahead: greedy and seeded sampling (with EOS stops at different steps) with the scheduler's
+look-ahead on and off, through CUDA graphs (compiled) and Triton eager: the same tokens, every
+block freed, and steps really launched ahead.
 
-    python bench/check_decode_gpu.py [--only plain|shared]
+    python bench/check_decode_gpu.py [--only plain|shared|look_ahead]
 """
 
 import argparse
@@ -175,12 +178,50 @@ def check_shared() -> bool:
     return ok
 
 
+# ------------------------------------------------------------------------------ look-ahead
+def check_look_ahead() -> bool:
+    from sharedecode import Greedy, ParallelSampling
+
+    ok = True
+    model = make_model(torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[2].add_(0.05)  # EOS (id 2) likely enough to stop some sequences early
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (int(n),), generator=gen).tolist() for n in (40, 300, 17, 128)]
+    for graphs in (True, False):
+        outcomes = {}
+        for look_ahead in (True, False):
+            engine = Engine(model, backend="triton", kv_cache_bytes=2**30, cuda_graphs=graphs,
+                            look_ahead=look_ahead)
+            fed = []
+            decode = engine.decode
+            engine.decode = lambda t, k, input_ids=None: fed.append(input_ids is not None) or decode(t, k, input_ids)
+            runs = [Greedy(engine, max_new_tokens=40, eos_token_id=2).run(prompts),
+                    ParallelSampling(engine, n=8, best_of=10, temperature=1.0, top_p=0.9, seed=1,
+                                     max_new_tokens=40, eos_token_id=2).run(prompts)]
+            outcomes[look_ahead] = [[(s.token_ids, s.finish_reason) for s in r.sequences] for rs in runs for r in rs]
+            leaked = engine.kv_stats().blocks_in_use
+            good = leaked == 0 and (any(fed) == look_ahead)
+            ok &= good
+            print(f"look-ahead {look_ahead!s:5s} graphs {graphs!s:5s}: {sum(fed)} of {len(fed)} steps ahead, "
+                  f"{leaked} blocks left {'ok' if good else 'MISMATCH'}", flush=True)
+        same = outcomes[True] == outcomes[False]
+        stops = sum(s[1] == "eos" for r in outcomes[True] for s in r)
+        ok &= same
+        print(f"graphs {graphs!s:5s}: tokens {'identical' if same else 'DIFFER'} with and without look-ahead "
+              f"({stops} sequences stopped at EOS)", flush=True)
+    return ok
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("plain", "shared"))
+    parser.add_argument("--only", choices=("plain", "shared", "look_ahead"))
     args = parser.parse_args()
-    if args.only != "shared":
+    if args.only in (None, "plain"):
         check_plain()
-    if args.only != "plain" and not check_shared():
+    if args.only in (None, "shared") and not check_shared():
         print("shared-prefix decode: MISMATCH", flush=True)
+        sys.exit(1)
+    if args.only in (None, "look_ahead") and not check_look_ahead():
+        print("look-ahead: MISMATCH", flush=True)
         sys.exit(1)
