@@ -11,8 +11,9 @@ profiler's own overhead. For each run of a workload it sums, over the decode ste
   gc            Python's garbage-collector pauses inside the run
 and, from CUDA events, the device time of each replay and of the strategies' device part, so that
 `gpu_idle = wall - replay - step_device_gpu` is what overlapping host and device could win.
-Each workload runs `--repeats` times with shared-prefix decode on, then off, interleaved, and
-every run's wall time is kept (the median hides nothing here).
+Each workload runs `--repeats` times in three variants, interleaved: the default, without
+shared-prefix decode ("plain") and without the scheduler's look-ahead ("no_look_ahead"); every
+run's wall time is kept (the median hides nothing here).
 
     COMMIT=<sha> python bench/step_timeline.py --out $OUT/timeline.json [--model M1] [--only W-beam]
 """
@@ -141,11 +142,14 @@ def main() -> None:
     common = dict(max_new_tokens=128, min_new_tokens=128)
     system = torch.randint(3, HI, (1024,), generator=gen).tolist()
     shared = [system + torch.randint(3, HI, (64,), generator=gen).tolist() for _ in range(256)]
+    batch_prompts = [torch.randint(3, HI, (512,), generator=gen).tolist() for _ in range(16)]
     workloads = [
         ("W-beam k=4", [prompt], BeamSearch(engine, num_beams=4, **common)),
         ("W-beam k=8", [prompt], BeamSearch(engine, num_beams=8, **common)),
         ("W-sample n=64", [prompt], ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common)),
         ("W-shared 256", shared, Greedy(engine, **common)),
+        ("W-sample n=8", [prompt], ParallelSampling(engine, n=8, top_p=0.9, temperature=0.8, seed=0, **common)),
+        ("W-beam-batch 16x8", batch_prompts, BeamSearch(engine, num_beams=8, **common)),
     ]
     timeline = Timeline(engine)
     for name, prompts, strategy in workloads:
