@@ -89,7 +89,8 @@ class Timeline:
             out = original_step_device(running, logits, counts)
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            timeline.events.append((marks["start_event"], marks["replay_end"], end))
+            if "replay_end" in marks:  # (the admission's first-token pass follows no replay)
+                timeline.events.append((marks.pop("start_event"), marks.pop("replay_end"), end))
             timeline.parts["step_device"] += time.perf_counter() - t0
             return out
 
