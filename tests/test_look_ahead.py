@@ -125,3 +125,46 @@ def test_look_ahead_option_is_validated(model):
     assert Scheduler(engine).look_ahead is False and Scheduler(engine, look_ahead=True).look_ahead
     with pytest.raises(TypeError, match="look_ahead"):
         Scheduler(engine, look_ahead="yes")
+
+
+@pytest.mark.parametrize("at", [1, 3, 6])
+@pytest.mark.parametrize("where", ["step_host", "decode"])
+def test_an_exception_with_a_step_in_flight_frees_everything(model, monkeypatch, at, where):
+    from sharedecode.strategies.sampling import SampleRequest
+
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20)
+    strategy = ParallelSampling(engine, n=3, temperature=1.0, seed=0, max_new_tokens=12, min_new_tokens=12)
+    owner, name = (SampleRequest, "step_host") if where == "step_host" else (engine, "decode")
+    original = getattr(owner, name)
+    calls, ahead = [0], []
+    in_flight = [None]  # the step launched ahead while _finish reads the one before
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        ahead.append(in_flight[0] is not None)
+        if calls[0] == at:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    original_finish = Scheduler._finish
+
+    def finish(self, step, ahead_step=None):
+        in_flight[0] = ahead_step
+        return original_finish(self, step, ahead_step)
+
+    monkeypatch.setattr(Scheduler, "_finish", finish)
+    monkeypatch.setattr(owner, name, failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        strategy.run(prompts_for(3, 2))
+    assert engine.kv_stats().blocks_in_use == 0
+    if where == "step_host" and at > 2:
+        assert ahead[-1]  # the failure came while a step launched ahead was queued
+
+
+def test_stopping_a_stream_with_a_step_in_flight_frees_everything(model):
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20)
+    strategy = Greedy(engine, max_new_tokens=20, min_new_tokens=20)
+    for count, _ in enumerate(strategy.stream(prompts_for(4, 3))):
+        if count == 4:
+            break
+    assert engine.kv_stats().blocks_in_use == 0
