@@ -81,7 +81,7 @@ class SampleRequest(Request):
             # Each request draws a row for every branch it started with from its own generator
             # (seeded requests stay reproducible), so the draws do not depend on when a sequence
             # stopped or was seen to stop (a step launched ahead still has its row).
-            noise = torch.cat([SampleRequest._noise(r, scores.shape[-1], scores.device) for r in requests])
+            noise = torch.cat([r._noise(scores.shape[-1], scores.device) for r in requests])
             tokens = (logprobs.exp() / noise).argmax(dim=-1)
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
         pairs = torch.stack((tokens.double(), chosen.double()), dim=1)  # [rows, 2], exact in float64
