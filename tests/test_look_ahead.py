@@ -168,3 +168,16 @@ def test_stopping_a_stream_with_a_step_in_flight_frees_everything(model):
         if count == 4:
             break
     assert engine.kv_stats().blocks_in_use == 0
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 9])
+def test_no_step_is_wasted_when_no_sequence_can_stop_early(model, max_new_tokens):
+    # EOS banned for the whole run: every launched step is needed, so look-ahead launches exactly
+    # the steps stepping one at a time does (the last one only when it is still needed)
+    make = maker(model, ParallelSampling, n=3, temperature=1.0, seed=2, max_new_tokens=max_new_tokens,
+                 min_new_tokens=max_new_tokens, eos_token_id=EOS)
+    ahead_calls, stepped_calls = [], []
+    ahead = run(make, prompts_for(8, 3), True, ahead_calls)
+    assert_same(ahead, run(make, prompts_for(8, 3), False, stepped_calls))
+    assert len(ahead_calls) == len(stepped_calls) == max_new_tokens - 1
+    assert sum(ahead_calls) == max(0, max_new_tokens - 2)
