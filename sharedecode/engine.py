@@ -98,6 +98,8 @@ class Engine:
         look_ahead: let the scheduler launch a sampling or greedy step before reading the previous
             step's results (its input tokens stay on the device), so that the host's bookkeeping
             overlaps the next forward; the tokens are the same either way (see `Scheduler`).
+            Default: on CUDA only (on the CPU nothing runs asynchronously, so it would only add
+            the discarded step after each stop).
     """
 
     def __init__(
@@ -115,7 +117,7 @@ class Engine:
         cuda_graphs: bool = True,
         compile: bool = True,
         shared_prefix: bool = True,
-        look_ahead: bool = True,
+        look_ahead: bool | None = None,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -131,8 +133,8 @@ class Engine:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if not isinstance(shared_prefix, bool):
             raise TypeError(f"shared_prefix must be True or False, got {shared_prefix!r}")
-        if not isinstance(look_ahead, bool):
-            raise TypeError(f"look_ahead must be True or False, got {look_ahead!r}")
+        if look_ahead is not None and not isinstance(look_ahead, bool):
+            raise TypeError(f"look_ahead must be True, False or None (on CUDA only), got {look_ahead!r}")
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         dtype = resolve_dtype(dtype)
@@ -154,7 +156,7 @@ class Engine:
         self.backend = backend
         self.shared_prefix = shared_prefix and backend == "triton"  # torch: the reference path
         self.shared_prefix_min_saved_tokens = SHARED_PREFIX_MIN_SAVED_TOKENS
-        self.look_ahead = look_ahead
+        self.look_ahead = self.device.type == "cuda" if look_ahead is None else look_ahead
         self.shape = ModelShape.from_config(model.config)
         self.layout = KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim,
                                block_size, self.dtype)

@@ -118,9 +118,10 @@ def test_no_look_ahead_with_a_repetition_penalty(model):
     assert calls and not any(calls)
 
 
-def test_look_ahead_option_is_validated(model):
+def test_look_ahead_option_is_validated_and_off_by_default_on_the_cpu(model):
     with pytest.raises(TypeError, match="look_ahead"):
         Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead="yes")
+    assert Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20).look_ahead is False
     engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=False)
     assert Scheduler(engine).look_ahead is False and Scheduler(engine, look_ahead=True).look_ahead
     with pytest.raises(TypeError, match="look_ahead"):
@@ -132,7 +133,7 @@ def test_look_ahead_option_is_validated(model):
 def test_an_exception_with_a_step_in_flight_frees_everything(model, monkeypatch, at, where):
     from sharedecode.strategies.sampling import SampleRequest
 
-    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20)
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=True)
     strategy = ParallelSampling(engine, n=3, temperature=1.0, seed=0, max_new_tokens=12, min_new_tokens=12)
     owner, name = (SampleRequest, "step_host") if where == "step_host" else (engine, "decode")
     original = getattr(owner, name)
@@ -162,7 +163,7 @@ def test_an_exception_with_a_step_in_flight_frees_everything(model, monkeypatch,
 
 
 def test_stopping_a_stream_with_a_step_in_flight_frees_everything(model):
-    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20)
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=True)
     strategy = Greedy(engine, max_new_tokens=20, min_new_tokens=20)
     for count, _ in enumerate(strategy.stream(prompts_for(4, 3))):
         if count == 4:

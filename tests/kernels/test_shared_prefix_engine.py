@@ -329,6 +329,7 @@ def test_graph_path_takes_look_ahead_tokens_from_the_device(model, monkeypatch):
     from sharedecode.strategies import Greedy
 
     engine, keys = graph_engine(model, monkeypatch)
+    engine.look_ahead = True  # (the default on CUDA only)
     fed = []
     stage = engine.graphs.stage
 
