@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import sys
 import traceback
@@ -25,8 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_e2e import HI, build_model  # noqa: E402
-from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+from bench.diagnostics import setup, workloads  # noqa: E402
 
 
 def sync_sites(run) -> list[tuple[str, int]]:
@@ -72,23 +70,9 @@ def main() -> None:
     parser.add_argument("--model", default="M1")
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
-    model = build_model(args.model, torch.device("cuda"), torch.bfloat16)
-    engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, HI, (512,), generator=gen).tolist()
-    common = dict(max_new_tokens=128, min_new_tokens=128)
-    system = torch.randint(3, HI, (1024,), generator=gen).tolist()
-    shared = [system + torch.randint(3, HI, (64,), generator=gen).tolist() for _ in range(256)]
-    workloads = [
-        ("W-beam k=8", [prompt], BeamSearch(engine, num_beams=8, **common)),
-        ("W-sample n=64", [prompt], ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common)),
-        ("W-shared 256", shared, Greedy(engine, **common)),
-    ]
-    report = {"commit": os.environ.get("COMMIT", "unknown"), "card": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "workloads": []}
-    for name, prompts, strategy in workloads:
-        if args.only and args.only not in name:
-            continue
+    engine, report = setup(args.model)
+    report["workloads"] = []
+    for name, prompts, strategy in workloads(engine, ["W-beam k=8", "W-sample n=64", "W-shared 256"], args.only):
 
         def run():
             strategy.run(prompts if len(prompts) > 1 else prompts[0])

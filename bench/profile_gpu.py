@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -22,8 +21,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_e2e import HI, build_model  # noqa: E402
-from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+from bench.bench_e2e import HI  # noqa: E402
+from bench.diagnostics import setup, workloads  # noqa: E402
+from sharedecode import Engine  # noqa: E402
 
 
 def decode_breakdown(engine: Engine, batch: int, context: int, steps: int = 30) -> dict:
@@ -117,41 +117,19 @@ def main() -> None:
     parser.add_argument("--model", default="M1")
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
-    device = torch.device("cuda")
-    model = build_model(args.model, device, torch.bfloat16)
-    engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30)
-    import transformers
-    import triton
-
-    report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "triton": triton.__version__, "transformers": transformers.__version__,
-              "commit": os.environ.get("COMMIT", "unknown"), "model": args.model, "decode": [],
-              "workloads": []}
+    engine, report = setup(args.model)
+    report.update(decode=[], workloads=[])
     for batch in (8, 64):
         row = decode_breakdown(engine, batch, 512)
         report["decode"].append(row)
         print(json.dumps(row, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, HI, (512,), generator=gen).tolist()
-    common = dict(max_new_tokens=128, min_new_tokens=128)
-    system = torch.randint(3, HI, (1024,), generator=gen).tolist()
-    shared = [system + torch.randint(3, HI, (64,), generator=gen).tolist() for _ in range(256)]
-    batch_prompts = [torch.randint(3, HI, (512,), generator=gen).tolist() for _ in range(16)]
-    workloads = [
-        ("W-sample n=64", [prompt], ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common)),
-        ("W-shared 256", shared, Greedy(engine, **common)),
-        ("W-beam k=8", [prompt], BeamSearch(engine, num_beams=8, **common)),
-        ("W-beam-batch 16x8", batch_prompts, BeamSearch(engine, num_beams=8, **common)),
-    ]
-    for name, prompts, strategy in workloads:
-        if args.only and args.only not in name:
-            continue
+    names = ["W-sample n=64", "W-shared 256", "W-beam k=8", "W-beam-batch 16x8"]
+    for name, prompts, strategy in workloads(engine, names, args.only):
         row = profile_workload(name, engine, prompts, strategy)
         report["workloads"].append(row)
         print(json.dumps(row, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_e2e import HI, build_model  # noqa: E402
-from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+from bench.diagnostics import setup, workloads  # noqa: E402
+from sharedecode import Engine  # noqa: E402
 from sharedecode.scheduler import Scheduler  # noqa: E402
 
 
@@ -129,33 +128,11 @@ def main() -> None:
     parser.add_argument("--only", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    device = torch.device("cuda")
-    model = build_model(args.model, device, torch.bfloat16)
-    engine = Engine(model, backend="auto", kv_cache_bytes=16 * 2**30)
-    import transformers
-    import triton
-
-    report = {"card": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "triton": triton.__version__, "transformers": transformers.__version__,
-              "commit": os.environ.get("COMMIT", "unknown"), "model": args.model, "workloads": []}
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, HI, (512,), generator=gen).tolist()
-    common = dict(max_new_tokens=128, min_new_tokens=128)
-    system = torch.randint(3, HI, (1024,), generator=gen).tolist()
-    shared = [system + torch.randint(3, HI, (64,), generator=gen).tolist() for _ in range(256)]
-    batch_prompts = [torch.randint(3, HI, (512,), generator=gen).tolist() for _ in range(16)]
-    workloads = [
-        ("W-beam k=4", [prompt], BeamSearch(engine, num_beams=4, **common)),
-        ("W-beam k=8", [prompt], BeamSearch(engine, num_beams=8, **common)),
-        ("W-sample n=64", [prompt], ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common)),
-        ("W-shared 256", shared, Greedy(engine, **common)),
-        ("W-sample n=8", [prompt], ParallelSampling(engine, n=8, top_p=0.9, temperature=0.8, seed=0, **common)),
-        ("W-beam-batch 16x8", batch_prompts, BeamSearch(engine, num_beams=8, **common)),
-    ]
+    engine, report = setup(args.model)
+    report["workloads"] = []
+    names = ["W-beam k=4", "W-beam k=8", "W-sample n=64", "W-shared 256", "W-sample n=8", "W-beam-batch 16x8"]
     timeline = Timeline(engine)
-    for name, prompts, strategy in workloads:
-        if args.only and args.only not in name:
-            continue
+    for name, prompts, strategy in workloads(engine, names, args.only):
         work = prompts if len(prompts) > 1 else prompts[0]
         variants = {"default": (True, True), "plain": (False, True), "no_look_ahead": (True, False)}
         row = {"workload": name, "runs": {v: [] for v in variants}}
