@@ -32,6 +32,7 @@ import torch
 from sharedecode.attention import PagedBatch, paged_attention_enabled
 from sharedecode.fused_projections import ProjectionFuser
 from sharedecode.kernels.shared_prefix import GroupLayout, PrefixGroups, layout_groups
+from sharedecode.uploads import flat_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MEMBERS_PER_CHUNK = 64  # the cascade's chunk size: also the largest member class
@@ -63,16 +64,6 @@ def pack_groups(layout: GroupLayout, size: int, chunks: int) -> dict[str, list[i
     return {"members": layout.members, "chunk_start": layout.chunk_start + pad,
             "chunk_count": layout.chunk_count + pad, "chunk_prefix_len": layout.chunk_prefix_len + pad,
             "seq_prefix_len": layout.seq_prefix_len + [0] * (size - len(layout.seq_prefix_len))}
-
-
-def flat_rows(tables: Sequence[list[int]], width: int) -> list[int]:
-    """Block-id rows zero-padded to `width`, as one flat list (converted to int32 in one pass)."""
-    flat: list[int] = []
-    zeros = [0] * width
-    for ids in tables:
-        flat += ids
-        flat += zeros[: width - len(ids)]
-    return flat
 
 
 class Staging:

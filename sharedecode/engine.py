@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from sharedecode.attention import BACKENDS, PagedBatch, check_supported, paged_attention_enabled
 from sharedecode.block_allocator import BlockAllocator, BlockTable, KVCacheFull, KVCacheStats, is_power_of_two
 from sharedecode.kv_pool import KVLayout, KVPool, free_device_bytes
-from sharedecode.uploads import upload
+from sharedecode.uploads import flat_rows, upload
 
 if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_INTERPRET before that
     from sharedecode.kernels.shared_prefix import PrefixGroups
@@ -349,32 +349,34 @@ class Engine:
                  prefix_groups: PrefixGroups | None = None):
         self._apply_copies()
         device = self.device
+        i32, i64 = torch.int32, torch.int64
+        # Inputs through `upload`: non-blocking copies (torch.tensor(list, device=cuda) copies from
+        # pageable memory and so waits for the device), read by this forward's kernels at once.
         width = max(len(t.block_ids) for t in tables)
-        block_tables = torch.tensor([t.block_ids + [0] * (width - len(t.block_ids)) for t in tables],
-                                    dtype=torch.int32, device=device)
+        block_tables = upload(flat_rows([t.block_ids for t in tables], width), device, i32).view(len(tables), width)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
         batch = PagedBatch(
             pool=self.pool,
             backend=self.backend,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=upload(slots, device, i64),
             block_tables=block_tables,
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            context_lens=upload(context_lens, device, i32),
+            query_start_loc=upload(starts, device, i32),
             max_context_len=max(context_lens),
             is_decode=is_decode,
             prefix_groups=prefix_groups,
         )
         # ids: a list, or a device tensor of tokens the host has not read (a look-ahead step)
-        input_ids = ids[None] if isinstance(ids, torch.Tensor) else torch.tensor([ids], dtype=torch.long, device=device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        input_ids = ids[None] if isinstance(ids, torch.Tensor) else upload(ids, device, i64)[None]
+        position_ids = upload(positions, device, i64)[None]
         kwargs = {}
         if keep is not None and self._keeps_logits:
-            kwargs["logits_to_keep"] = torch.tensor(keep, dtype=torch.long, device=device)
+            kwargs["logits_to_keep"] = upload(keep, device, i64)
         with torch.inference_mode(), paged_attention_enabled(self.model):
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                 sharedecode_batch=batch, **kwargs).logits[0]
         if keep is not None and not self._keeps_logits:
-            logits = logits[keep]
+            logits = logits.index_select(0, upload(keep, device, i64))
         return logits.float()

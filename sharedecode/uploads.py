@@ -9,6 +9,8 @@ result is only valid until the ring comes round again (at least `RING_BYTES` of 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -24,6 +26,16 @@ def to_device(values, device: torch.device, dtype=None) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def flat_rows(rows: Sequence[list[int]], width: int) -> list[int]:
+    """Rows (block ids) zero-padded to `width`, as one flat list (converted in one pass)."""
+    flat: list[int] = []
+    zeros = [0] * width
+    for ids in rows:
+        flat += ids
+        flat += zeros[: width - len(ids)]
+    return flat
 
 
 class UploadRing:
