@@ -356,9 +356,9 @@ class BlockAllocator:
         if target is source:
             return
         old, new = target.block_ids, source.block_ids
-        # Any common leading run gives the same result; tables share a prefix of blocks and part
-        # near their ends, so look for the last equal position from the end, and check the run
-        # before it with one C-level comparison.
+        # Any common leading run gives the same result. Beams differ only in their last few blocks,
+        # so step back from the end to the last equal position and check the run up to it with
+        # one C-level comparison (0 if it is not a common run after all).
         common = min(len(old), len(new))
         while common and old[common - 1] != new[common - 1]:
             common -= 1
