@@ -97,6 +97,8 @@ class BlockAllocator:
         self.block_tokens: dict[int, tuple[int, ...]] = {}  # hashed block -> its tokens (to verify)
         self.computed = [False] * num_blocks  # a hashed block's KV has been written
         self.hash_to_block: dict[int, int] = {}
+        self._hashes_changed = 0  # bumped whenever hash_to_block changes: `_match_prefix`'s memo key
+        self._last_match: tuple[int, list[int], list[int]] | None = None
         self.tables: dict[int, BlockTable] = {}  # live tables by id()
         self.pending_copies: list[tuple[int, int]] = []
 
@@ -115,7 +117,19 @@ class BlockAllocator:
 
     def _match_prefix(self, token_ids: list[int]) -> list[int]:
         """Leading full blocks of `token_ids` that are already cached (never the whole prompt:
-        the last token is always recomputed so that its logits exist)."""
+        the last token is always recomputed so that its logits exist).
+
+        The last answer is kept while the cache's hashes stay the same: admission asks for a
+        prompt's block count and then allocates it, and hashing a long prompt twice costs more
+        than comparing it once (256 prompts of 1,088 tokens: about 25 ms of host time)."""
+        memo = self._last_match
+        if memo is not None and memo[0] == self._hashes_changed and memo[1] == token_ids:
+            return list(memo[2])
+        matched = self._hash_match(token_ids)
+        self._last_match = (self._hashes_changed, list(token_ids), list(matched))
+        return matched
+
+    def _hash_match(self, token_ids: list[int]) -> list[int]:
         matched: list[int] = []
         previous = None
         bs = self.block_size
@@ -187,6 +201,7 @@ class BlockAllocator:
         if h is not None:
             if self.hash_to_block.get(h) == block_id:
                 del self.hash_to_block[h]
+                self._hashes_changed += 1
             self.block_hashes[block_id] = None
             self.block_tokens.pop(block_id, None)
         self.computed[block_id] = False
@@ -207,6 +222,7 @@ class BlockAllocator:
         if h in self.hash_to_block:
             return  # the same content is already cached in another block
         self.hash_to_block[h] = block_id
+        self._hashes_changed += 1
         self.block_hashes[block_id] = h
         self.block_tokens[block_id] = chunk
 

@@ -33,6 +33,7 @@ import torch
 
 from sharedecode.block_allocator import PENDING_TOKEN, BlockAllocator, BlockTable, KVCacheFull, block_hash
 from sharedecode.engine import Engine
+from sharedecode.gc_control import full_collections_postponed
 from sharedecode.results import GenerationStats
 from sharedecode.uploads import upload
 
@@ -186,24 +187,25 @@ class Scheduler:
         waiting = list(requests)  # not yet started, in order
         preempted: list[Request] = []
         running: list[Request] = []
-        try:
-            self._check_fits_alone(waiting)
-            while waiting or preempted or running:
-                if self._in_flight is None:  # (look-ahead runs only with nothing waiting)
-                    self._resume(preempted, running)
-                    running = [r for r in running if not r.done]
-                    if not preempted:
-                        self._admit(waiting, running)
+        with full_collections_postponed():  # the model and compiler caches make them slow
+            try:
+                self._check_fits_alone(waiting)
+                while waiting or preempted or running:
+                    if self._in_flight is None:  # (look-ahead runs only with nothing waiting)
+                        self._resume(preempted, running)
                         running = [r for r in running if not r.done]
-                if running:
-                    self._decode(running, preempted, ahead_allowed=not waiting and not preempted)
-                    running = [r for r in running if not r.done]
-                yield running
-        finally:
-            self._in_flight = None  # a step launched ahead writes only into blocks freed below
-            for request in requests:
-                request.release(self.engine)
-            self.stats.wall_time_s += time.perf_counter() - start
+                        if not preempted:
+                            self._admit(waiting, running)
+                            running = [r for r in running if not r.done]
+                    if running:
+                        self._decode(running, preempted, ahead_allowed=not waiting and not preempted)
+                        running = [r for r in running if not r.done]
+                    yield running
+            finally:
+                self._in_flight = None  # a step launched ahead writes only into blocks freed below
+                for request in requests:
+                    request.release(self.engine)
+                self.stats.wall_time_s += time.perf_counter() - start
 
     def _check_fits_alone(self, requests: list[Request]) -> None:
         """Fail before any work for a prompt that cannot fit even in an empty cache."""

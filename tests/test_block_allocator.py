@@ -983,6 +983,14 @@ class AllocatorMachine(RuleBasedStateMachine):
     def invariants(self):
         self.sim.check()
 
+    @invariant()
+    def remembered_prefix_matches_are_current(self):
+        """The memo of the last prefix match answers what hashing the prompt again would."""
+        alloc = self.sim.alloc
+        for prompt in self.prompts[-3:]:
+            for _ in range(2):  # the second call is the memo's
+                assert alloc._match_prefix(prompt) == alloc._hash_match(prompt)
+
     def teardown(self):
         self.sim.alloc.free_all()
         self.sim.seqs.clear()
