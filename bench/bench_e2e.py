@@ -341,14 +341,16 @@ def main():
         for k in ((4, 8, 16) if not args.quick else (8,)):
             workloads.append((f"W-beam k={k}", [prompt], BeamSearch(engine, num_beams=k, **common),
                               dict(num_beams=k, do_sample=False, **hf_common)))
+        # top_k=0 for HF: its generate adds top_k=50 by default, which the workload does not have
+        # (our ParallelSampling, like the spec, applies only top_p and temperature).
         workloads.append(("W-sample n=64", [prompt],
                           ParallelSampling(engine, n=64, top_p=0.9, temperature=0.8, seed=0, **common),
-                          dict(do_sample=True, num_return_sequences=64, top_p=0.9, temperature=0.8,
+                          dict(do_sample=True, num_return_sequences=64, top_p=0.9, temperature=0.8, top_k=0,
                                **hf_common)))
         if not args.quick:
             workloads.append(("W-sample n=8", [prompt],
                               ParallelSampling(engine, n=8, top_p=0.9, temperature=0.8, seed=0, **common),
-                              dict(do_sample=True, num_return_sequences=8, top_p=0.9, temperature=0.8,
+                              dict(do_sample=True, num_return_sequences=8, top_p=0.9, temperature=0.8, top_k=0,
                                    **hf_common)))
         system = torch.randint(3, HI, (1024 // scale,), generator=gen).tolist()
         for requests in (32, 256):
