@@ -262,8 +262,19 @@ def main():
                         help="also time each workload without the scheduler's look-ahead")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
+    parser.add_argument("--skinny-variant", action="store_true",
+                        help="also time the decode step with the Triton skinny GEMM for every projection")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a torch._inductor.config option (Python literal) for the whole run")
     args = parser.parse_args()
     t0 = time.perf_counter()
+    for option in args.inductor:  # experiments: e.g. combo_kernels=True
+        import ast
+
+        import torch._inductor.config as inductor_config
+
+        name, _, value = option.partition("=")
+        setattr(inductor_config, name, ast.literal_eval(value))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     import transformers
@@ -271,7 +282,7 @@ def main():
     report = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "commit": args.commit,
-        "date": time.strftime("%Y-%m-%d"), "dtype": str(dtype),
+        "date": time.strftime("%Y-%m-%d"), "dtype": str(dtype), "inductor_options": args.inductor,
     }
     try:
         import triton
@@ -304,12 +315,19 @@ def main():
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
-        if args.decode_variants and not args.skip_decode:
-            # The same captured step without torch.compile and/or without fused projections, same run.
-            for variant, compile_step, fuse in (("graphs", False, False), ("graphs+compile", True, False)):
+        variants = []  # (name, compile, fused projections, skinny GEMM)
+        if args.decode_variants:
+            variants += [("graphs", False, False, False), ("graphs+compile", True, False, False)]
+        if args.skinny_variant:
+            variants.append(("compile+fused+skinny", True, True, True))
+        if variants and not args.skip_decode:
+            # The same captured step with other options, same run.
+            for variant, compile_step, fuse, skinny in variants:
                 plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
                 if not fuse and plain.graphs is not None:
                     plain.graphs.fuser = None
+                elif plain.graphs is not None and plain.graphs.fuser is not None:
+                    plain.graphs.fuser.skinny = skinny
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
                 for batch in (1, 8, 64):
                     row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)

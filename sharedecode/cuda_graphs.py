@@ -125,7 +125,7 @@ def _more_recompiles():
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
                  num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True,
-                 max_group_graphs: int = 32):
+                 max_group_graphs: int = 32, skinny_gemm: bool = False):
         if not isinstance(max_group_graphs, int) or max_group_graphs < 0:
             raise ValueError(f"max_group_graphs must be an int >= 0, got {max_group_graphs!r}")
         self.engine = engine
@@ -135,7 +135,7 @@ class DecodeGraphs:
         # kernels (the paged attention stays an opaque custom op); batch sizes after the first
         # bucket share one dynamic-shape compilation.
         self.compiled = torch.compile(self._model_step) if compile else None
-        self.fuser = ProjectionFuser(engine.model) if fuse_projections else None
+        self.fuser = ProjectionFuser(engine.model, skinny=skinny_gemm) if fuse_projections else None
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_context // engine.block_size)

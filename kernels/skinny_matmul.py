@@ -1,0 +1,304 @@
+"""Skinny GEMM for the decode step: y = x @ W^T (+ bias) with few activation rows and a big weight.
+
+    skinny_linear(x, weight, bias=None, config=None) -> y        Triton (GPU, or the interpreter)
+    skinny_linear_torch(x, weight, bias=None) -> y               plain-torch reference
+    torch.ops.sharedecode.skinny_linear(x, weight, bias)         the same, opaque to torch.compile
+
+Shapes: x [M, K] with 1 <= M <= MAX_ROWS (rows may be strided), weight [N, K] (nn.Linear layout,
+K contiguous), bias [N] or None; fp16 / bf16 / fp32, all the same dtype. Accumulation is fp32,
+y [M, N] is contiguous in x's dtype.
+
+At decode, M is 1..16 and the time is the time to read W once. One program owns BLOCK_N rows of W
+(and optionally one of SPLIT_K slices of K) and streams them in [BLOCK_N, BLOCK_K] tiles with
+16-byte loads along K through a num_stages-deep software pipeline, multiplying each tile with the
+x tile (M rows padded to 16, the smallest tl.dot) on the tensor cores. ``choose_config`` picks the
+tile sizes so that there are enough programs to keep every SM streaming. With SPLIT_K > 1 the
+slices write fp32 partials that a second small kernel sums in a fixed order, adds the bias and
+casts. Nothing on the launch path reads device memory on the host and the only allocations depend
+on shapes, so a call can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .paged_attention import HAS_TRITON, _dot_f32, _interpreting, _next_pow2, _num_sms
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["skinny_linear", "skinny_linear_torch", "SkinnyConfig", "choose_config", "MAX_ROWS"]
+
+MAX_ROWS = 16  # rows of x per call: one tl.dot tile (the M rows are padded to 16)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REDUCE_BLOCK = 256  # columns per program of the split-K reduction
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Launch configuration of the skinny GEMM (``choose_config`` picks one; benchmarks sweep).
+
+    block_n / block_k: rows of W per program / elements of K per tile (powers of two >= 16).
+    split_k: at most this many programs share one block of rows, each over a slice of K whose
+        length is a multiple of block_k (fewer when K is short); > 1 adds the reduction kernel.
+    num_warps, num_stages: as for any Triton kernel; stages = tiles of W in flight per program.
+    """
+
+    block_n: int = 32
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def check(self) -> None:
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"config.{name} must be a power of two >= 16, got {v!r}")
+        if not isinstance(self.split_k, int) or not 1 <= self.split_k <= 64:
+            raise ValueError(f"config.split_k must be an int in 1..64, got {self.split_k!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"config.num_stages must be a positive int, got {self.num_stages!r}")
+
+
+def choose_config(M: int, N: int, K: int, num_sms: int, elem_bytes: int = 2,
+                  max_smem: Optional[int] = None) -> SkinnyConfig:
+    """Heuristic launch config for y[M, N] = x[M, K] @ W[N, K]^T on a GPU with ``num_sms`` SMs.
+
+    The kernel is bound by reading W, and at decode sizes (8-250 MB) by how fast all SMs get
+    their share of it moving. Measured (bench/bench_skinny_gemm.py --sweep wide, H200, bf16, M1
+    and M2 shapes): what wins is about one program per SM, each as fat as possible: few, wide
+    tiles (128 rows x 256 bytes = 32 KB per stage), 4 stages in flight. So, among tiles
+    128 x 256 B, 64 x 256 B and 32 x 512 B and split-K factors 1, 2, 4, ... (each K slice keeping
+    >= 8 tiles, and splitting only for weights >= 16 MB: below that the split configs this rule
+    would pick lost to one launch of 32 x 512 B tiles), take the one whose program count is
+    nearest to ``num_sms`` (log scale), on a tie the widest tile. BLOCK_N 16 was slower
+    everywhere (up to 1.3x). The pick was within 5% of the best of 72 swept configs on every
+    M1 / M2 shape at M = 1, 8, 16 (H200; the H100, with less bandwidth, is not measured yet).
+    M does not enter: the x tile is padded to 16 rows whatever M is.
+    ``max_smem`` (bytes per block) lowers num_stages on GPUs with less shared memory.
+    """
+    for name, v in (("M", M), ("N", N), ("K", K), ("num_sms", num_sms), ("elem_bytes", elem_bytes)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    n_cap = max(16, _next_pow2(N))
+    k_cap = max(16, _next_pow2(K))
+    may_split = N * K * elem_bytes >= (16 << 20)
+    best = None
+    for bn, row_bytes in ((128, 256), (64, 256), (32, 512)):
+        bn = min(bn, n_cap)
+        bk = max(16, min(row_bytes // elem_bytes, k_cap))
+        tiles = -(-N // bn)
+        split = 1
+        while True:
+            # key: distance of the program count from one per SM, then wider tiles, fewer splits
+            key = (round(abs(math.log(tiles * split / num_sms)), 3), -bn, split)
+            if best is None or key < best[0]:
+                best = (key, bn, bk, split)
+            split *= 2
+            if not may_split or K // split < 8 * bk or split > 16:
+                break
+    _, bn, bk, split = best
+    stages = 4
+    if max_smem is not None:  # Triton keeps (stages - 1) W and x tiles in shared memory
+        stage_bytes = (bn + 16) * bk * elem_bytes
+        stages = max(2, min(stages, 1 + max_smem // stage_bytes))
+    return SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (shared by the Triton and torch versions)
+# ----------------------------------------------------------------------------------------------
+def _check(x, weight, bias) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be [M, K] with 1 <= M <= {MAX_ROWS}, got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"K differs: x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if x.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"K and N must be positive, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x dtype {x.dtype} not supported (expected one of {_DTYPES})")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"dtypes differ: x {x.dtype}, weight {weight.dtype}, bias "
+                        f"{None if bias is None else bias.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [N={weight.shape[0]}], got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def skinny_linear_torch(x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: x [M, K] @ weight [N, K]^T (+ bias [N]) in fp32, returned in x's dtype."""
+    _check(x, weight, bias)
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    # M only enters masks: not specialising on it (M == 1 would be) saves a compile per M.
+    @triton.jit(do_not_specialize=["M"])
+    def _skinny_kernel(X, W, BIAS, Y, P, M, N, K, k_per_split, k_iters,
+                       stride_xm, stride_xk, stride_wn, stride_b, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                       PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
+        # Rows past N re-read row N-1 instead of being masked, so W loads carry no mask along N
+        # (they stay plain vector loads); their columns are dropped at the store.
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
+        m_mask = offs_m[:, None] < M          # padded rows of x read as 0 (no memory traffic)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, k_iters):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = offs_k[None, :] < K
+                x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
+                offs_k += BLOCK_K
+            if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K
+        n_mask = offs_n[None, :] < N
+        if PARTIAL:  # fp32 partial sums of this K slice: P [SPLIT_K, M, N]
+            p_ptrs = P + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+            tl.store(p_ptrs, acc, mask=m_mask & n_mask)
+        else:
+            if HAS_BIAS:
+                b = tl.load(BIAS + offs_n * stride_b, mask=offs_n < N, other=0.0)
+                acc += b.to(tl.float32)[None, :]
+            y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_mask & n_mask)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _split_k_reduce_kernel(P, BIAS, Y, M, N, stride_b, stride_ym, SPLIT_K: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        acc = tl.load(P + m * N + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):  # fixed order: the result is deterministic
+            acc += tl.load(P + (s * M + m) * N + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs * stride_b, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + m * stride_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device) -> tuple[int, Optional[int]]:
+    """(SM count, opt-in shared memory per block or None) of a device; cached (no per-call query)."""
+    if device.type != "cuda":
+        return _num_sms(device), None
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_config(M: int, N: int, K: int, elem_bytes: int, device: torch.device) -> SkinnyConfig:
+    num_sms, max_smem = _device_limits(device)
+    return choose_config(M, N, K, num_sms, elem_bytes, max_smem)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output/scratch (tests patch this to poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _split_plan(K: int, config: SkinnyConfig) -> tuple[int, int]:
+    """(k_per_split, splits): K slices of whole tiles; fewer than config.split_k when K is short,
+    so no program gets an empty slice."""
+    k_per_split = -(-(-(-K // config.split_k)) // config.block_k) * config.block_k
+    return k_per_split, -(-K // k_per_split)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  config: Optional[SkinnyConfig] = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) through the Triton skinny GEMM.
+
+    M <= MAX_ROWS; weight's rows must be K-contiguous (any row stride), x may be strided.
+    ``config`` overrides ``choose_config`` (benchmarks). No host sync, shape-only allocation:
+    capturable in a CUDA graph. Under torch.compile use torch.ops.sharedecode.skinny_linear.
+    """
+    _check(x, weight, bias)
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use skinny_linear_torch")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"skinny_linear runs on CUDA tensors (or under TRITON_INTERPRET=1), "
+                         f"got x on {x.device}")
+    if weight.stride(1) != 1:
+        raise ValueError(f"weight must be contiguous along K (stride(1) == 1), got strides "
+                         f"{weight.stride()}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if config is None:
+        config = _auto_config(M, N, K, x.element_size(), x.device)
+    elif not isinstance(config, SkinnyConfig):
+        raise TypeError(f"config must be a SkinnyConfig or None, got {type(config).__name__}")
+    config.check()
+    k_per_split, splits = _split_plan(K, config)
+    y = _alloc((M, N), x.dtype, x.device)
+    # Split-K partials go to an fp32 scratch [splits, M, N] summed by a second kernel rather than
+    # to fp32 atomics: no zeroing launch (every partial is written), a result that does not
+    # depend on the order programs finish in (same logits in eager, compiled and graph replays),
+    # and the scratch is at most 64 x 16 x N x 4 bytes, negligible next to W.
+    partial = splits > 1
+    scratch = _alloc((splits, M, N), torch.float32, x.device) if partial else y
+    b = bias if bias is not None else y  # placeholder pointer when there is no bias
+    _skinny_kernel[(-(-N // config.block_n), splits)](
+        x, weight, b, y, scratch, M, N, K, k_per_split, k_per_split // config.block_k,
+        x.stride(0), x.stride(1), weight.stride(0), b.stride(0), y.stride(0),
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PARTIAL=partial,
+        HAS_BIAS=bias is not None, EVEN_K=splits * k_per_split == K,
+        PREC="ieee" if x.dtype == torch.float32 else None, DOT_F32=_dot_f32(x.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if partial:
+        _split_k_reduce_kernel[(M, -(-N // _REDUCE_BLOCK))](
+            scratch, b, y, M, N, b.stride(0), y.stride(0), SPLIT_K=splits,
+            HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: an opaque op (dynamo does not trace into the launch; the fake gives the shape)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("sharedecode::skinny_linear", mutates_args=())
+def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return skinny_linear(x, weight, bias)
+
+
+@_skinny_linear_op.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))

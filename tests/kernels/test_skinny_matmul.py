@@ -1,0 +1,223 @@
+"""Skinny GEMM (y = x @ W^T + b, few rows) against a float64 reference, through the Triton
+interpreter on CPU (conftest.py; SHAREDECODE_TEST_CUDA=1 runs the same on the GPU).
+
+Outputs and split-K scratch are poisoned with NaN before every launch, so an element the kernels
+fail to write shows up as NaN; shapes are chosen so N and K are not multiples of the blocks.
+"""
+import pytest
+import torch
+from torch._dynamo.backends.debugging import aot_eager
+
+import sharedecode.kernels.skinny_matmul as sm
+from sharedecode.kernels.skinny_matmul import (MAX_ROWS, SkinnyConfig, choose_config, skinny_linear,
+                                               skinny_linear_torch)
+
+# ||y - ref|| / ||ref||: fp32 uses an exact (ieee) dot; half types are dominated by output rounding
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, N, K): every M class, N and K off the block multiples, and exact multiples
+SHAPES = [(1, 48, 96), (3, 70, 200), (8, 16, 64), (16, 70, 96), (1, 16, 200), (16, 48, 64)]
+# explicit configs: one K slice, split K (with a ragged last slice for K = 200 / 96), wide block
+CONFIGS = {
+    "heuristic": None,
+    "split": SkinnyConfig(block_n=16, block_k=32, split_k=3, num_stages=2),
+    "wide": SkinnyConfig(block_n=64, block_k=64, split_k=1, num_warps=2, num_stages=3),
+}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the wrapper allocates (output, fp32 partials) starts as NaN."""
+    real = sm._alloc
+
+    def poisoned(shape, dtype, device):
+        return real(shape, dtype, device).fill_(float("nan"))
+
+    monkeypatch.setattr(sm, "_alloc", poisoned)
+
+
+def reference(x, w, b=None):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+def rel_err(y, ref):
+    assert not torch.isnan(y).any(), "output has NaN (an element left unwritten)"
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def rand(*shape, dtype, device):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"M{m}N{n}K{k}" for m, n, k in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, shape, bias, config, device):
+    m, n, k = shape
+    x = rand(m, k, dtype=dtype, device=device)
+    w = rand(n, k, dtype=dtype, device=device)
+    b = rand(n, dtype=dtype, device=device) if bias else None
+    y = skinny_linear(x, w, b, config=CONFIGS[config])
+    assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device and y.is_contiguous()
+    assert rel_err(y, reference(x, w, b)) < TOL[dtype]
+
+
+def test_split_plan_really_splits():
+    # the "split" config above must exercise the partials + reduction path, ragged last slice too
+    cfg = CONFIGS["split"]
+    assert sm._split_plan(200, cfg) == (96, 3)   # slices 96, 96, 8
+    assert sm._split_plan(96, cfg) == (32, 3)    # even slices: no K mask
+    assert sm._split_plan(64, cfg) == (32, 2)    # K too short for 3 slices of whole tiles
+    assert sm._split_plan(20, cfg) == (32, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["heuristic", "split"])
+def test_strided_x_and_weight(dtype, config, device):
+    m, n, k = 5, 40, 136
+    base = rand(2 * m, k + 24, dtype=dtype, device=device)
+    w_base = rand(n, k + 8, dtype=dtype, device=device)
+    b_base = rand(2 * n, dtype=dtype, device=device)
+    w = w_base[:, 3:3 + k]            # row stride k + 8, misaligned start
+    b = b_base[::2]                   # strided bias
+    cases = {
+        "every other row": base[::2, :k],
+        "column window": base[:m, 7:7 + k],
+        "transposed": rand(k, m, dtype=dtype, device=device).t(),   # stride along K != 1
+    }
+    for name, x in cases.items():
+        assert not x.is_contiguous()
+        y = skinny_linear(x, w, b, config=CONFIGS[config])
+        assert rel_err(y, reference(x, w, b)) < TOL[dtype], name
+
+
+def test_every_row_count(device):
+    # all M in 1..16 with one weight: the padded rows of the dot never leak into the output
+    w = rand(24, 80, dtype=torch.float32, device=device)
+    x = rand(MAX_ROWS, 80, dtype=torch.float32, device=device)
+    for m in range(1, MAX_ROWS + 1):
+        y = skinny_linear(x[:m], w)
+        assert rel_err(y, reference(x[:m], w)) < TOL[torch.float32], m
+
+
+def test_split_k_is_deterministic_and_matches_no_split(device):
+    x = rand(4, 200, dtype=torch.bfloat16, device=device)
+    w = rand(48, 200, dtype=torch.bfloat16, device=device)
+    a = skinny_linear(x, w, config=CONFIGS["split"])
+    assert torch.equal(a, skinny_linear(x, w, config=CONFIGS["split"]))
+    one = skinny_linear(x, w, config=SkinnyConfig(block_n=16, block_k=32, split_k=1))
+    # same fp32 sums in another order: agree up to one bf16 rounding step
+    torch.testing.assert_close(a, one, rtol=1e-2, atol=1e-2)
+
+
+def test_torch_reference(device):
+    for dtype in DTYPES:
+        x = rand(3, 70, dtype=dtype, device=device)
+        w = rand(20, 70, dtype=dtype, device=device)
+        b = rand(20, dtype=dtype, device=device)
+        y = skinny_linear_torch(x, w, b)
+        assert y.dtype == dtype and rel_err(y, reference(x, w, b)) < TOL[dtype]
+
+
+def test_choose_config():
+    # the decode shapes of M1 / M2 on a 132-SM Hopper: about one program per SM, tiles >= 16 KB
+    for m in (1, 8, 16):
+        for n, k in [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (32000, 2048),
+                     (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]:
+            cfg = choose_config(m, n, k, 132)
+            cfg.check()
+            _, splits = sm._split_plan(k, cfg)
+            assert splits == cfg.split_k, cfg
+            assert 132 // 2 - 4 <= -(-n // cfg.block_n) * splits, (m, n, k, cfg)
+            assert cfg.block_n >= 32 and cfg.block_n * cfg.block_k * 2 >= 16384, cfg
+            assert splits == 1 or k // splits >= 8 * cfg.block_k, cfg
+    # what the H200 sweep favoured (kernels/skinny_matmul.py: choose_config)
+    assert choose_config(1, 2048, 8192, 132) == SkinnyConfig(128, 128, 8, 4, 4)   # split K
+    assert choose_config(1, 32000, 2048, 132) == SkinnyConfig(128, 128, 1, 4, 4)  # many rows
+    assert choose_config(1, 3072, 2048, 132) == SkinnyConfig(32, 256, 1, 4, 4)    # small: no split
+    # the same bytes per tile in fp32; fewer stages where shared memory is short
+    assert choose_config(1, 32000, 2048, 132, elem_bytes=4).block_k == 64
+    assert choose_config(1, 32000, 2048, 132, max_smem=100 * 1024).num_stages == 3
+    # tiny shapes: blocks shrink to the matrix, never below the 16 of tl.dot
+    assert choose_config(1, 5, 3, 8) == SkinnyConfig(16, 16, 1, 4, 4)
+    with pytest.raises(ValueError, match="num_sms"):
+        choose_config(1, 16, 16, 0)
+
+
+def test_validation(device):
+    x = rand(2, 32, dtype=torch.float32, device=device)
+    w = rand(16, 32, dtype=torch.float32, device=device)
+    b = rand(16, dtype=torch.float32, device=device)
+    for fn in (skinny_linear, skinny_linear_torch):
+        with pytest.raises(TypeError, match="x must be a tensor"):
+            fn(x.tolist(), w)
+        with pytest.raises(TypeError, match="bias must be a tensor"):
+            fn(x, w, 1.0)
+        with pytest.raises(ValueError, match="x must be"):
+            fn(x[0], w)                                          # 1-D
+        with pytest.raises(ValueError, match="x must be"):
+            fn(rand(MAX_ROWS + 1, 32, dtype=torch.float32, device=device), w)
+        with pytest.raises(ValueError, match="x must be"):
+            fn(x[:0], w)                                         # no rows
+        with pytest.raises(ValueError, match="weight must be"):
+            fn(x, w[0])
+        with pytest.raises(ValueError, match="K differs"):
+            fn(x, w[:, :31])
+        with pytest.raises(TypeError, match="dtypes differ"):
+            fn(x, w.half())
+        with pytest.raises(TypeError, match="dtypes differ"):
+            fn(x, w, b.double())
+        with pytest.raises(TypeError, match="not supported"):
+            fn(x.double(), w.double())
+        with pytest.raises(ValueError, match="bias must be"):
+            fn(x, w, b[:15])
+        with pytest.raises(ValueError, match="weight is on meta"):
+            fn(x, w.to("meta"))
+    with pytest.raises(ValueError, match="contiguous along K"):
+        skinny_linear(x, rand(32, 16, dtype=torch.float32, device=device).t())
+    with pytest.raises(TypeError, match="config must be"):
+        skinny_linear(x, w, config={"block_n": 32})
+    for bad in (SkinnyConfig(block_n=8), SkinnyConfig(block_k=48), SkinnyConfig(split_k=0),
+                SkinnyConfig(num_warps=3), SkinnyConfig(num_stages=0)):
+        with pytest.raises(ValueError, match="config."):
+            skinny_linear(x, w, config=bad)
+
+
+def test_custom_op_under_torch_compile(device):
+    """The op is opaque to torch.compile: one graph (fullgraph), the op called inside it.
+    inductor with the op alone (no C++ kernel to build: the op is an extern call), and aot_eager
+    for the op between other ops (inductor would compile C++ for those: ~30 s on a CPU runner)."""
+    torch._dynamo.reset()
+    x = rand(3, 64, dtype=torch.float32, device=device)
+    w = rand(48, 64, dtype=torch.float32, device=device)
+    b = rand(48, dtype=torch.float32, device=device)
+
+    def just_op(x, w, b):
+        return torch.ops.sharedecode.skinny_linear(x, w, b)
+
+    def mixed(x, w, b):
+        return torch.relu(torch.ops.sharedecode.skinny_linear(x[::2] * 2.0, w, None)) + b
+
+    traced = []
+
+    def recording(graph_module, example_inputs):
+        traced.append(graph_module.code)
+        return aot_eager(graph_module, example_inputs)
+
+    y = torch.compile(just_op, fullgraph=True, backend="inductor")(x, w, b)
+    assert rel_err(y, reference(x, w, b)) < TOL[torch.float32]
+    y = torch.compile(mixed, fullgraph=True, backend=recording)(x, w, b)
+    ref = torch.relu(reference(x[::2] * 2.0, w)) + b.double()
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert len(traced) == 1 and traced[0].count("sharedecode.skinny_linear") == 1
+
+
+def test_custom_op_opcheck(device):
+    x = rand(3, 64, dtype=torch.float32, device=device)
+    w = rand(48, 64, dtype=torch.float32, device=device)
+    b = rand(48, dtype=torch.float32, device=device)
+    op = torch.ops.sharedecode.skinny_linear.default
+    torch.library.opcheck(op, (x, w, b))
+    torch.library.opcheck(op, (x, w, None))
