@@ -262,8 +262,8 @@ def main():
                         help="also time each workload without the scheduler's look-ahead")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
-    parser.add_argument("--skinny-variant", action="store_true",
-                        help="also time the decode step with the Triton skinny GEMM for every projection")
+    parser.add_argument("--ablate-skinny", action="store_true",
+                        help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set a torch._inductor.config option (Python literal) for the whole run")
     args = parser.parse_args()
@@ -318,8 +318,8 @@ def main():
         variants = []  # (name, compile, fused projections, skinny GEMM)
         if args.decode_variants:
             variants += [("graphs", False, False, False), ("graphs+compile", True, False, False)]
-        if args.skinny_variant:
-            variants.append(("compile+fused+skinny", True, True, True))
+        if args.ablate_skinny:
+            variants.append(("compile+fused, cuBLAS projections", True, True, False))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny in variants:

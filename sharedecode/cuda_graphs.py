@@ -125,7 +125,7 @@ def _more_recompiles():
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
                  num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True,
-                 max_group_graphs: int = 32, skinny_gemm: bool = False):
+                 max_group_graphs: int = 32, skinny_gemm: bool = True):
         if not isinstance(max_group_graphs, int) or max_group_graphs < 0:
             raise ValueError(f"max_group_graphs must be an int >= 0, got {max_group_graphs!r}")
         self.engine = engine
