@@ -17,13 +17,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.graph_timing import replay_us  # noqa: E402
 from sharedecode.kernels.paged_attention import (  # noqa: E402
     choose_num_splits, paged_attention, paged_attention_torch)
 from sharedecode.kernels.shared_prefix import find_prefix_groups, shared_prefix_decode  # noqa: E402
@@ -108,25 +108,7 @@ def kv_pools(shape: Shape, num_blocks: int):
 def graph_us(calls) -> float:
     """Median microseconds per call of a CUDA graph of `calls` (one per layer), L2 not flushed
     (the layers' pools together are far larger than L2)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm (compiles, allocations) outside the capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times[5:])
+    return replay_us(lambda: [call() for call in calls], repeats=20, warm=1) / len(calls)
 
 
 def rel(a, b) -> float:

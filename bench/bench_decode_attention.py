@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode.kernels.paged_attention import paged_attention, paged_attention_torch  # noqa: E402
+from bench.graph_timing import replay_us  # noqa: E402
 
 HQ, HKV, D, BS, LAYERS = 32, 8, 64, 16, 16
 CASES = [(1, 535), (8, 535), (8, 1100), (64, 535), (64, 1100), (128, 640), (256, 1100)]
@@ -41,27 +41,6 @@ def make_layers(batch: int, ctx: int, device) -> tuple[list, torch.Tensor, torch
     context = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     queries = [torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16) for _ in range(LAYERS)]
     return pools, tables, context, queries
-
-
-def time_graph(fn, repeats: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -102,7 +81,7 @@ def main() -> None:
                     paged_attention(queries[layer], *pools[layer], tables, context, qsl, scale=D ** -0.5,
                                     out=outs[layer], **kw)
 
-            us = time_graph(step) / LAYERS
+            us = replay_us(step) / LAYERS
             row[name] = {"us": round(us, 2), "err": err}
             if not err < 2e-2:
                 row[name]["bad"] = True

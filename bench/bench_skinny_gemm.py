@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode.kernels.paged_attention import _num_sms  # noqa: E402
+from bench.graph_timing import replay_us  # noqa: E402
 from sharedecode.kernels.skinny_matmul import SkinnyConfig, choose_config, skinny_linear  # noqa: E402
 
 # model -> (calls per graph = layers, [(projection, K, N)])
@@ -90,27 +91,7 @@ def time_per_call(fn: Callable[[], None], calls: int, device: torch.device, repe
             fn()
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e6 / calls
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return statistics.median(times) / calls
+    return replay_us(fn, repeats=repeats, warm=2) / calls
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
