@@ -71,9 +71,11 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse):
     # One graph for the whole step (no graph break), with one opaque attention call per layer.
     assert len(traced) == 1
     assert traced[0].count("sharedecode.paged_attention_step") == engine.shape.num_layers
-    # 7 projections per layer + the LM head; fused: q/k/v and gate/up are one GEMM each
+    # 7 projections per layer + the LM head; fused: q/k/v and gate/up are one GEMM each, and every
+    # projection of these few rows is the skinny GEMM (an opaque op; the LM head stays a linear)
     per_layer = 4 if fuse else 7
     assert traced[0].count("linear(") == engine.shape.num_layers * per_layer + 1
+    assert traced[0].count("sharedecode.skinny_linear") == (engine.shape.num_layers * 4 if fuse else 0)
 
 
 def test_capture_raises_dynamo_recompile_limit_and_restores_it():
