@@ -143,7 +143,9 @@ class SampleRequest(Request):
 
 class ParallelSampling(Strategy):
     """n samples of one prompt sharing its prefilled blocks. Temperature, top_k, top_p, min_p and
-    repetition_penalty are applied in HF's order; temperature 0 is greedy. `seed` makes each
+    repetition_penalty are applied in HF's order; temperature 0 is greedy. Each is off unless given
+    (HF's `generate(do_sample=True)` adds top_k=50 from its generation config: pass top_k=50 to
+    sample as it does). `seed` makes each
     request's samples reproducible whatever shares its batch (request i of a batch uses seed + i);
     `best_of=m` draws m and returns the n with the highest cumulative logprob."""
 
