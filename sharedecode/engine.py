@@ -100,6 +100,9 @@ class Engine:
             overlaps the next forward; the tokens are the same either way (see `Scheduler`).
             Default: on CUDA only (on the CPU nothing runs asynchronously, so it would only add
             the discarded step after each stop).
+        skinny_gemm: in captured decode steps of at most 16 sequences, run the decoder layers'
+            projections through the Triton skinny GEMM instead of cuBLAS (bench/NOTES.md, item
+            19: the M1 step at batch 1 1.31 against 1.50 ms on the H100, batch 8 the same).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class Engine:
         compile: bool = True,
         shared_prefix: bool = True,
         look_ahead: bool | None = None,
+        skinny_gemm: bool = True,
     ):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
             raise ValueError(f"block_size must be a power of two (8, 16, 32, ...), got {block_size!r}")
@@ -133,6 +137,8 @@ class Engine:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if not isinstance(shared_prefix, bool):
             raise TypeError(f"shared_prefix must be True or False, got {shared_prefix!r}")
+        if not isinstance(skinny_gemm, bool):
+            raise TypeError(f"skinny_gemm must be True or False, got {skinny_gemm!r}")
         if look_ahead is not None and not isinstance(look_ahead, bool):
             raise TypeError(f"look_ahead must be True, False or None (on CUDA only), got {look_ahead!r}")
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
@@ -178,7 +184,7 @@ class Engine:
             from sharedecode.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, max_context=min(self.shape.max_context or 32768, 32768),
-                                       compile=compile)
+                                       compile=compile, skinny_gemm=skinny_gemm)
 
     # ---------------------------------------------------------------- setup
     def _default_kv_bytes(self, fraction: float) -> int:

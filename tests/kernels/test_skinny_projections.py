@@ -64,3 +64,14 @@ def test_skinny_off_never_calls_the_kernel(model, monkeypatch):
     assert calls == []
     assert all(type(m) is not SkinnyProjection for m in model.modules())
     assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)
+
+
+def test_the_engine_option_is_validated_and_reaches_the_captured_steps(model):
+    from sharedecode import Engine
+    from sharedecode.cuda_graphs import DecodeGraphs
+
+    with pytest.raises(TypeError, match="skinny_gemm"):
+        Engine(model, backend="torch", kv_cache_bytes=2**20, skinny_gemm="yes")
+    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
+    assert DecodeGraphs(engine, max_batch=8, max_context=64).fuser.skinny is True  # the default
+    assert DecodeGraphs(engine, max_batch=8, max_context=64, skinny_gemm=False).fuser.skinny is False
