@@ -60,22 +60,22 @@ class FusedProjection:
             start = end
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
-        self.skinny = False
 
 
 class FusedSlice(nn.Module):
     """Stands in for one projection of a group: its columns of the group's fused GEMM."""
 
-    def __init__(self, fused: FusedProjection, index: int):
+    def __init__(self, fused: FusedProjection, index: int, skinny: bool = False):
         super().__init__()
         self.fused = fused
+        self.skinny = skinny
         self.start, self.end = fused.bounds[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
         if fused.input is not x:  # a different input: this group's GEMM has not run on it yet
             fused.input = x
-            fused.output = project(x, fused.weight, fused.bias, fused.skinny)
+            fused.output = project(x, fused.weight, fused.bias, self.skinny)
         return fused.output[..., self.start:self.end]
 
 
@@ -124,9 +124,8 @@ class ProjectionFuser:
     @contextmanager
     def active(self) -> Iterator[None]:
         for module, names, _linears, fused in self.groups:
-            fused.skinny = self.skinny
             for index, name in enumerate(names):
-                setattr(module, name, FusedSlice(fused, index))
+                setattr(module, name, FusedSlice(fused, index, self.skinny))
         for module, name, linear in self.singles if self.skinny else ():
             setattr(module, name, SkinnyProjection(linear))
         try:

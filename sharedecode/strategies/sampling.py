@@ -101,8 +101,7 @@ class SampleRequest(Request):
         rule, generated, logprobs = self.rule, self.generated, self.logprobs
         if rows is not None:
             live = {id(b) for b in self.pending}
-            values = [(b, t, lp) for b, t, lp in zip(rows, chosen[0::2], chosen[1::2]) if id(b) in live]
-            chosen = [x for _, t, lp in values for x in (t, lp)]
+            chosen = [x for b, t, lp in zip(rows, chosen[0::2], chosen[1::2]) if id(b) in live for x in (t, lp)]
         self.num_generated += 1
         still_running = []
         for branch, token, logprob in zip(self.pending, map(int, chosen[0::2]), chosen[1::2]):
@@ -145,9 +144,9 @@ class ParallelSampling(Strategy):
     """n samples of one prompt sharing its prefilled blocks. Temperature, top_k, top_p, min_p and
     repetition_penalty are applied in HF's order; temperature 0 is greedy. Each is off unless given
     (HF's `generate(do_sample=True)` adds top_k=50 from its generation config: pass top_k=50 to
-    sample as it does). `seed` makes each
-    request's samples reproducible whatever shares its batch (request i of a batch uses seed + i);
-    `best_of=m` draws m and returns the n with the highest cumulative logprob."""
+    sample as it does). `seed` makes each request's samples reproducible whatever shares its batch
+    (request i of a batch uses seed + i); `best_of=m` draws m and returns the n with the highest
+    cumulative logprob."""
 
     def __init__(self, model_or_engine, tokenizer=None, *, n: int = 4, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
