@@ -89,6 +89,8 @@ if HAS_TRITON:
         chunk = tl.program_id(2)
         src = tl.load(SRC + i).to(tl.int64)
         dst = tl.load(DST + i).to(tl.int64)
+        if src < 0:  # padding (a captured step's copy list is padded to its bucket)
+            return
         base = (lk // 2) * stride_l + (lk % 2) * stride_kv
         o = chunk * BLOCK + tl.arange(0, BLOCK)
         m = o < NUMEL
@@ -138,7 +140,8 @@ def copy_blocks_torch(kv_pool, src, dst):
 
 def copy_blocks(kv_pool, src, dst):
     """Triton version of copy_blocks_torch: one launch for all pairs, layers, K and V.
-    dst ids must be distinct and not among src (fresh copy-on-write blocks); not checked (no sync)."""
+    dst ids must be distinct and not among src (fresh copy-on-write blocks); not checked (no sync).
+    A pair with a negative src is padding and copies nothing (a captured step's fixed-size list)."""
     _check_copy(kv_pool, src, dst)
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use copy_blocks_torch")

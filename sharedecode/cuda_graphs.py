@@ -31,6 +31,7 @@ import torch
 
 from sharedecode.attention import PagedBatch, paged_attention_enabled
 from sharedecode.fused_projections import ProjectionFuser
+from sharedecode.kernels.kv_cache_ops import copy_blocks
 from sharedecode.kernels.shared_prefix import GroupLayout, PrefixGroups, layout_groups
 from sharedecode.uploads import flat_rows
 
@@ -147,10 +148,14 @@ class DecodeGraphs:
                                 "context_lens": (i32, n), "seq_prefix_len": (i32, n), "members": (i32, n),
                                 "chunk_start": (i32, n), "chunk_count": (i32, n),
                                 "chunk_prefix_len": (i32, n), "changed_rows": (i64, n),
+                                "copy_src": (i64, n), "copy_dst": (i64, n),
                                 "block_rows": (i32, n * self.max_blocks)}, device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
         self._rows_on_device: list[list[int] | None] = [None] * n  # what block_tables' rows hold
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Copy-on-write copies run inside the graph (no launch of their own from Python): each
+        # sequence copies at most one block per step, so a bucket-sized list always has room.
+        self.copies_in_graph = engine.backend == "triton"
         self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # graph memory pool shared by all graphs
 
@@ -191,6 +196,8 @@ class DecodeGraphs:
     def _forward(self, key: GraphKey) -> torch.Tensor:
         step = self.compiled or self._model_step
         d = self.staging.device
+        if self.copies_in_graph:  # the step's copy-on-write pairs, padded with -1 (skipped)
+            copy_blocks(self.engine.pool.tensor, d["copy_src"][: key.size], d["copy_dst"][: key.size])
         return step(d["input_ids"][None, : key.size], d["positions"][None, : key.size], self._batch(key))
 
     def _warm_up(self, key: GraphKey) -> None:
@@ -234,13 +241,21 @@ class DecodeGraphs:
         captured = sum(1 for k in self.graphs if k.chunks)
         return key if key in self.graphs or captured < self.max_group_graphs else GraphKey(size, 0, 0)
 
+    def takes_copies(self, copies: list[tuple[int, int]], num_seqs: int) -> bool:
+        """Whether the graph of a `num_seqs` step can make these copy-on-write copies itself: room
+        in its bucket, and no block both read and written (its copies run in parallel)."""
+        if not self.copies_in_graph or len(copies) > next(b for b in self.buckets if b >= num_seqs):
+            return False
+        return not {s for s, _ in copies} & {d for _, d in copies}
+
     def stage(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
               context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
-              input_ids: torch.Tensor | None = None) -> GraphKey:
+              input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = ()) -> GraphKey:
         """Copy a step's inputs into the static buffers; returns the key of the graph to replay.
         `groups`: from group_shared_prefixes over `tables` and `context_lens`. `input_ids`: the
         tokens as a device tensor instead of `token_ids` (copied on the device, after the staging
-        copy, in stream order)."""
+        copy, in stream order). `copies`: copy-on-write (src, dst) block pairs the graph makes
+        before its forward (only where `takes_copies` allows)."""
         n = len(token_ids)
         layout = layout_groups(groups, n, self.engine.block_size, MEMBERS_PER_CHUNK) if groups else None
         key = self.graph_key(n, layout)
@@ -250,6 +265,11 @@ class DecodeGraphs:
         _put(host["positions"], positions, key.size, 0)
         _put(host["slots"], slots, key.size, -1)
         _put(host["context_lens"], context_lens, key.size, 1)
+        if self.copies_in_graph:
+            _put(host["copy_src"], [src for src, _ in copies], key.size, -1)
+            _put(host["copy_dst"], [dst for _, dst in copies], key.size, -1)
+        elif copies:
+            raise ValueError("copies given to a graph that does not make them (see takes_copies)")
         if key.chunks:
             for name, values in pack_groups(layout, key.size, key.chunks).items():
                 host[name][: len(values)] = values
@@ -279,8 +299,8 @@ class DecodeGraphs:
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
             context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
-            input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        key = self.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids)
+            input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        key = self.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids, copies)
         if key not in self.graphs:
             self._capture(key)
         graph, logits = self.graphs[key]

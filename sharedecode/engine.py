@@ -320,9 +320,12 @@ class Engine:
                     < self.shared_prefix_min_saved_tokens:
                 groups = []  # too little shared to pay for the cascade's extra programs and merge
         if self.graphs is not None and self.graphs.fits(len(tables), max(map(len, block_ids))):
-            self._apply_copies()
+            copies = self.allocator.take_copies()
+            if not self.graphs.takes_copies(copies, len(tables)):
+                self._copy_blocks(copies)
+                copies = []
             out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups,
-                                  input_ids=input_ids)
+                                  input_ids=input_ids, copies=copies)
         else:
             prefix_groups = None
             if groups:
@@ -336,7 +339,9 @@ class Engine:
         return out
 
     def _apply_copies(self) -> None:
-        copies = self.allocator.take_copies()
+        self._copy_blocks(self.allocator.take_copies())
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         # One non-blocking upload of both id lists (no host sync in the decode loop).

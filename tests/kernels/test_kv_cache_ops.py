@@ -68,6 +68,19 @@ def test_copy_blocks(dtype, bs, hkv, d, device):
     copy_blocks(a, src[:0], dst[:0])  # empty is a no-op
 
 
+def test_copy_blocks_skips_padding_pairs(device):
+    """A captured step copies a list padded to its bucket: pairs with a negative source copy
+    nothing, wherever they sit, and the real pairs still copy every layer's K and V."""
+    pool = torch.randn(2, 2, 12, 8, 2, 16, device=device)
+    before = pool.clone()
+    src = torch.tensor([3, -1, 5, -1, -1], device=device)
+    dst = torch.tensor([7, -1, 9, 4, -1], device=device)  # (a padding pair's dst is never read)
+    copy_blocks(pool, src, dst)
+    expected = before.clone()
+    expected[:, :, [7, 9]] = before[:, :, [3, 5]]
+    assert torch.equal(pool, expected)
+
+
 def test_kv_ops_validation(device):
     kc = torch.zeros(4, 8, 2, 32, device=device)
     key = torch.zeros(3, 2, 32, device=device)

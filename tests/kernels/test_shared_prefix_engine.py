@@ -264,9 +264,11 @@ def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
                           **graph_kwargs)
     graphs.compiled = compiled and torch.compile(graphs._model_step, backend=compiled)
     keys = []
+    graphs.copies_taken = []  # the copy-on-write pairs each step handed to the graph
 
-    def run_uncaptured(token_ids, *args, input_ids=None):
-        keys.append(graphs.stage(token_ids, *args, input_ids=input_ids))
+    def run_uncaptured(token_ids, *args, input_ids=None, copies=()):
+        graphs.copies_taken.append(list(copies))
+        keys.append(graphs.stage(token_ids, *args, input_ids=input_ids, copies=copies))
         with torch.inference_mode(), paged_attention_enabled(model):
             return graphs._forward(keys[-1])[: len(token_ids)].clone()
 
@@ -281,6 +283,25 @@ def test_graph_path_static_buffers_match_hf(model, monkeypatch, name, key):
     engine, keys = graph_engine(model, monkeypatch)
     decode_and_check(engine, model, name, steps=2)
     assert set(keys) == {GraphKey(*key)}
+    # The forks' copy-on-write copies are made by the graph itself (padded to the bucket): the
+    # beams' first step copies the 3 forks' shared partial block (the root keeps its own), and
+    # the logits above match HF only if those copies happened.
+    copies = engine.graphs.copies_taken
+    if name == "beams":
+        assert [len(c) for c in copies] == [3, 0]
+
+
+def test_graph_copies_fall_back_to_a_launch_when_they_do_not_fit(model, monkeypatch):
+    """A copy list the graph cannot take (a block both read and written) is copied before the
+    replay, and the step still matches HF."""
+    engine, _ = graph_engine(model, monkeypatch)
+    graphs = engine.graphs
+    assert graphs.takes_copies([(1, 2), (3, 4)], 2)
+    assert not graphs.takes_copies([(1, 2), (2, 3)], 2)  # block 2 read and written
+    assert not graphs.takes_copies([(1, 2), (3, 4), (5, 6)], 2)  # more pairs than the bucket's rows
+    monkeypatch.setattr(graphs, "takes_copies", lambda copies, n: False)
+    decode_and_check(engine, model, "beams", steps=2)
+    assert all(not c for c in graphs.copies_taken)
 
 
 def test_graph_path_over_the_group_graph_bound_takes_the_plain_graph(model, monkeypatch, cascade_calls):
@@ -333,9 +354,9 @@ def test_graph_path_takes_look_ahead_tokens_from_the_device(model, monkeypatch):
     fed = []
     stage = engine.graphs.stage
 
-    def recording_stage(*args, input_ids=None):
+    def recording_stage(*args, input_ids=None, copies=()):
         fed.append(input_ids is not None)
-        return stage(*args, input_ids=input_ids)
+        return stage(*args, input_ids=input_ids, copies=copies)
 
     monkeypatch.setattr(engine.graphs, "stage", recording_stage)
     g = torch.Generator().manual_seed(5)
