@@ -19,8 +19,9 @@ The Triton kernel packs the GQA heads of one KV head into the rows of one ``tl.d
 owns (a block of BLOCK_Q query tokens x the G query heads of one KV head) and streams that KV
 head's keys tile by tile through the block table, so each KV tile is loaded once per KV head and
 query block. Decode batches with few sequences use split-KV (flash-decoding): the key range of each
-query is cut into NUM_SPLITS pieces whose partial results are merged by log-sum-exp in a second
-small kernel. Nothing in the launch path reads device memory on the host, so the decode path can
+query is cut into NUM_SPLITS pieces whose partial results are merged by log-sum-exp: by the last
+of a query's split programs to finish (a per-(token, KV head) arrival counter that the merging
+program resets), so a decode step is one launch instead of a kernel and a merge kernel. Nothing in the launch path reads device memory on the host, so the decode path can
 be captured in a CUDA graph (grid size comes from tensor shapes and the optional python-int hint
 ``max_context_len``).
 """
@@ -292,8 +293,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_attn_kernel(
-        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE,
-        num_seqs, qk_scale, softcap, window,
+        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE, ARRIVALS,
+        num_seqs, num_kv_heads, qk_scale, softcap, window,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, stride_ot, stride_oh,
         stride_pt, stride_ph, stride_ps, split_offset,
@@ -301,7 +302,7 @@ if HAS_TRITON:
         D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-        K_ROWS: tl.constexpr,
+        K_ROWS: tl.constexpr, MERGE_HERE: tl.constexpr, NS_PAD: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -370,6 +371,20 @@ if HAS_TRITON:
             tl.store(PACC + pbase[:, None] + offs_d[None, :], o,
                      mask=row_valid[:, None] & d_mask[None, :])
             tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
+            if MERGE_HERE:  # decode (one query token): the last split program to arrive merges
+                t0 = (q_start + qb).to(tl.int64)
+                counter = ARRIVALS + t0 * num_kv_heads + kvh
+                # acq_rel: this program's partials are visible before its arrival is counted, and
+                # the last arrival sees every other program's partials
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == NUM_SPLITS - 1:
+                    tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
+                    slot = tl.arange(0, NS_PAD) < NUM_SPLITS
+                    for h in tl.static_range(G):
+                        o_h = _merge_partials(PACC, PLSE, t0 * stride_pt + (kvh * G + h) * stride_ph,
+                                              slot, D, D_PAD, NS_PAD)
+                        tl.store(OUT + t0 * stride_ot + (kvh * G + h) * stride_oh + offs_d,
+                                 o_h.to(OUT.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _merge_kernel(PACC, PLSE, OUT, stride_pt, stride_ph, stride_ot, stride_oh,
@@ -449,6 +464,25 @@ def _alloc_partials(t, hq, num_splits, d_pad, device):
     return pacc, plse
 
 
+_ARRIVALS_MIN = 1 << 16
+_arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(count: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for the folded split merge, one per (token, KV head) of a launch.
+    Every launch leaves them zero again (the merging program resets its counter), so one buffer
+    per device and stream serves every call (a CUDA graph captures its address: it is allocated
+    large at the first call, normally the eager warm-up before capture, and never replaced unless
+    a launch needs more)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _arrivals.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(_ARRIVALS_MIN, _next_pow2(count)), dtype=torch.int32, device=device)
+        _arrivals[key] = counters
+    return counters
+
+
 def _launch_merge(pacc, plse, out, num_splits, d, d_pad):
     t, hq = out.shape[0], out.shape[1]
     if t == 0:
@@ -461,8 +495,9 @@ def _launch_merge(pacc, plse, out, num_splits, d, d_pad):
 def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, *, kv_start=None, pacc=None,
                   plse=None, split_offset=0, block_q=None, tile_n=None, num_warps=None,
-                  num_stages=None, k_rows=None):
-    """Launch the unified kernel. With num_splits > 1 or kv_start it writes partials (pacc/plse)."""
+                  num_stages=None, k_rows=None, merge_here=False):
+    """Launch the unified kernel. With num_splits > 1 or kv_start it writes partials (pacc/plse);
+    `merge_here` (decode splits without kv_start) also merges them into `out` in the same launch."""
     t, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
     s = block_tables.shape[0]
@@ -490,11 +525,14 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
     partial = num_splits > 1 or kv_start is not None
     if not partial:
         pacc = plse = out  # unused placeholders
+    if merge_here and (not decode or num_splits == 1 or kv_start is not None):
+        raise ValueError("merge_here needs a decode batch (T == S) with num_splits > 1 and no kv_start")
+    arrivals = _arrival_counters(t * hkv, query.device) if merge_here else context_lens
     grid = (n_qblocks, hkv, num_splits)
     _paged_attn_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, query_start_loc,
-        kv_start if kv_start is not None else context_lens, out, pacc, plse,
-        s, float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        kv_start if kv_start is not None else context_lens, out, pacc, plse, arrivals,
+        s, hkv, float(scale), float(softcap or 1.0), int(sliding_window or 0),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
@@ -503,7 +541,8 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         G=g, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, D=d, D_PAD=d_pad, BS=bs,
         TILE_N=tile_n, NUM_SPLITS=num_splits, HAS_KV_START=kv_start is not None,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, PREC=prec,
-        DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, num_warps=num_warps, **extra)
+        DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, MERGE_HERE=merge_here,
+        NS_PAD=max(2, _next_pow2(num_splits)), num_warps=num_warps, **extra)
 
 
 def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
@@ -533,7 +572,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     split over ``num_splits`` programs (chosen from S, Hkv and the optional python-int hint
     ``max_context_len``, or given) and merged by log-sum-exp. No host sync: safe to capture in a
     CUDA graph as long as shapes and python arguments stay the same. ``_config`` (dict of
-    block_q, tile_n, num_warps, num_stages, k_rows) is for benchmarks.
+    block_q, tile_n, num_warps, num_stages, k_rows, merge_here: False merges the splits in a
+    separate kernel as before) is for benchmarks.
     """
     _check_common(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
                   softcap, _KERNEL_DTYPES)
@@ -561,7 +601,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
         return out
     d_pad = max(16, _next_pow2(d))
     pacc, plse = _alloc_partials(t, hq, num_splits, d_pad, query.device)
+    merge_here = cfg.pop("merge_here", True)
     _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
-                  scale, sliding_window, softcap, num_splits, pacc=pacc, plse=plse, **cfg)
-    _launch_merge(pacc, plse, out, num_splits, d, d_pad)
+                  scale, sliding_window, softcap, num_splits, pacc=pacc, plse=plse,
+                  merge_here=merge_here, **cfg)
+    if not merge_here:
+        _launch_merge(pacc, plse, out, num_splits, d, d_pad)
     return out

@@ -74,6 +74,34 @@ def test_split_kv(num_splits, dtype, device):
         assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_merge_in_the_kernel_matches_the_merge_kernel(dtype, device):
+    """The last split program to arrive merges the splits (the default); the separate merge
+    kernel gives the same output, and every arrival counter is back at zero after each launch, so
+    the next launches (other batch sizes, other head counts) start clean."""
+    from sharedecode.kernels import paged_attention as pa
+
+    for seqs, hq, hkv, splits in (([(1, 45), (1, 130), (1, 3)], 8, 2, 4), ([(1, 70)] * 5, 4, 4, 3),
+                                  ([(1, 200), (1, 9)], 8, 1, 8)):
+        case = make_case(seqs, hq, hkv, 64, 16, dtype, device)
+        ref = naive_attention(*[x.cpu() for x in case], scale=0.125)
+        for _ in range(2):  # twice: the second launch finds the counters the first left
+            folded = _run(paged_attention, case, scale=0.125, num_splits=splits)
+            assert rel_err(folded.cpu(), ref) < TOL[dtype]
+            assert all(int(c.count_nonzero()) == 0 for c in pa._arrivals.values())
+        separate = _run(paged_attention, case, scale=0.125, num_splits=splits,
+                        _config={"merge_here": False})
+        torch.testing.assert_close(folded, separate, rtol=0, atol=0)
+
+
+def test_merge_here_needs_a_split_decode_batch(device):
+    from sharedecode.kernels.paged_attention import _launch_paged
+
+    case = make_case(MODES["mixed"], 4, 2, 64, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="merge_here"):
+        _launch_paged(*case, torch.empty_like(case[0]), 0.1, None, None, 1, merge_here=True)
+
+
 def test_split_kv_auto_and_hint(device):
     assert choose_num_splits(1, 2, torch.device("cpu")) > 1
     assert choose_num_splits(1, 2, torch.device("cpu"), max_context_len=60) == 1
