@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+from sharedecode.kernels import paged_attention as paged_attention_module  # noqa: E402
 
 MODELS = {
     "M1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -156,7 +157,7 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
 
 
 def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
-                 ablate_shared_prefix=False, ablate_look_ahead=False):
+                 ablate_shared_prefix=False, ablate_look_ahead=False, ablate_graph_copies=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -184,6 +185,13 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             stepped, _, _ = timed(run_ours, device, repeats)
         finally:
             engine.look_ahead = True
+    launched_copies = None
+    if ablate_graph_copies and engine.graphs is not None:  # copy-on-write launched before each replay
+        engine.graphs.takes_copies = lambda copies, num_seqs: False
+        try:
+            launched_copies, _, _ = timed(run_ours, device, repeats)
+        finally:
+            del engine.graphs.takes_copies
     stats = (result[0] if isinstance(result, list) else result).stats
     new_tokens = hf_kwargs["max_new_tokens"]
     outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
@@ -194,6 +202,10 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         "kv_fraction_of_contiguous": stats.peak_kv_bytes / max(1, stats.peak_contiguous_kv_bytes),
         "prefill_tokens_reused": stats.prefill_tokens_reused, "decode_steps": stats.decode_steps,
     }
+    if launched_copies is not None:
+        row["sharedecode_copies_launched_s"] = launched_copies
+        print(f"  {name:28s} ours {t_ours:7.3f}s copies in the graph, {launched_copies:7.3f}s launched",
+              flush=True)
     if stepped is not None:
         row["sharedecode_no_look_ahead_s"] = stepped
         print(f"  {name:28s} ours {t_ours:7.3f}s with look-ahead, {stepped:7.3f}s without", flush=True)
@@ -262,6 +274,10 @@ def main():
                         help="also time each workload without the scheduler's look-ahead")
     parser.add_argument("--decode-variants", action="store_true",
                         help="also time the decode step captured without torch.compile / fused projections")
+    parser.add_argument("--ablate-graph-copies", action="store_true",
+                        help="also time each workload with copy-on-write copies launched before the replay")
+    parser.add_argument("--ablate-merge", action="store_true",
+                        help="also time the decode step with split-KV merged by a separate kernel")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -315,25 +331,31 @@ def main():
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
-        variants = []  # (name, compile, fused projections, skinny GEMM)
+        variants = []  # (name, compile, fused projections, skinny GEMM, split merge in the kernel)
         if args.decode_variants:
-            variants += [("graphs", False, False, False), ("graphs+compile", True, False, False)]
+            variants += [("graphs", False, False, False, True), ("graphs+compile", True, False, False, True)]
         if args.ablate_skinny:
-            variants.append(("compile+fused, cuBLAS projections", True, True, False))
+            variants.append(("compile+fused, cuBLAS projections", True, True, False, True))
+        if args.ablate_merge:
+            variants.append(("split merge as its own kernel", True, True, True, False))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
-            for variant, compile_step, fuse, skinny in variants:
+            for variant, compile_step, fuse, skinny, merge_in_kernel in variants:
                 plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
                 if not fuse and plain.graphs is not None:
                     plain.graphs.fuser = None
                 elif plain.graphs is not None and plain.graphs.fuser is not None:
                     plain.graphs.fuser.skinny = skinny
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
-                for batch in (1, 8, 64):
-                    row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
-                    rows.append(row)
-                    print(f"  {name} decode ({variant}) batch {batch:3d}: {row['step_ms']:.3f} ms, "
-                          f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
+                paged_attention_module.MERGE_SPLITS_IN_KERNEL = merge_in_kernel  # read at capture
+                try:
+                    for batch in (1, 8, 64):
+                        row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
+                        rows.append(row)
+                        print(f"  {name} decode ({variant}) batch {batch:3d}: {row['step_ms']:.3f} ms, "
+                              f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
+                finally:
+                    paged_attention_module.MERGE_SPLITS_IN_KERNEL = True
                 del plain
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -392,7 +414,8 @@ def main():
                                                          hf_batch=workload[0].startswith("W-shared")
                                                          and not args.skip_hf_batch,
                                                          ablate_shared_prefix=args.ablate_shared_prefix,
-                                                         ablate_look_ahead=args.ablate_look_ahead))
+                                                         ablate_look_ahead=args.ablate_look_ahead,
+                                                         ablate_graph_copies=args.ablate_graph_copies))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
                 print(f"  {workload[0]} failed: {error!r}", flush=True)

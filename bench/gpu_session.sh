@@ -2,7 +2,7 @@
 # A GPU session's runs in priority order, each under its own time limit so that one overrun does
 # not lose the rest; logs and JSON go under $OUT. From the repository root on the device machine:
 #
-#   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~9 min: GPU correctness, then M1 end to end
+#   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~9 min: GPU correctness, then M1 end to end (ablations)
 #   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~9 min: host hot spots, cascade shapes, M2
 #
 # Phase 1 is what every session should run first: check_decode_gpu.py compares the engine's
@@ -22,7 +22,7 @@ case "${1:-1}" in
 1)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     run 150 check python bench/check_decode_gpu.py
-    run 400 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-skinny \
+    run 400 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-merge --ablate-graph-copies \
         --time-budget 330 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
 2)

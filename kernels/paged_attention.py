@@ -464,6 +464,7 @@ def _alloc_partials(t, hq, num_splits, d_pad, device):
     return pacc, plse
 
 
+MERGE_SPLITS_IN_KERNEL = True  # False: the separate merge kernel (a benchmark's ablation)
 _ARRIVALS_MIN = 1 << 16
 _arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -601,7 +602,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
         return out
     d_pad = max(16, _next_pow2(d))
     pacc, plse = _alloc_partials(t, hq, num_splits, d_pad, query.device)
-    merge_here = cfg.pop("merge_here", True)
+    merge_here = cfg.pop("merge_here", MERGE_SPLITS_IN_KERNEL)
     _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, pacc=pacc, plse=plse,
                   merge_here=merge_here, **cfg)
