@@ -372,19 +372,19 @@ if HAS_TRITON:
                      mask=row_valid[:, None] & d_mask[None, :])
             tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
             if MERGE_HERE:  # decode (one query token): the last split program to arrive merges
-                t0 = (q_start + qb).to(tl.int64)
-                counter = ARRIVALS + t0 * num_kv_heads + kvh
+                tok0 = (q_start + qb).to(tl.int64)
+                counter = ARRIVALS + tok0 * num_kv_heads + kvh
                 # acq_rel: this program's partials are visible before its arrival is counted, and
                 # the last arrival sees every other program's partials
                 arrived = tl.atomic_add(counter, 1, sem="acq_rel")
                 if arrived == NUM_SPLITS - 1:
                     tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next launch
                     slot = tl.arange(0, NS_PAD) < NUM_SPLITS
-                    for h in tl.static_range(G):
-                        o_h = _merge_partials(PACC, PLSE, t0 * stride_pt + (kvh * G + h) * stride_ph,
+                    for g in tl.static_range(G):  # (names of their own: a runtime `if` block)
+                        o_g = _merge_partials(PACC, PLSE, tok0 * stride_pt + (kvh * G + g) * stride_ph,
                                               slot, D, D_PAD, NS_PAD)
-                        tl.store(OUT + t0 * stride_ot + (kvh * G + h) * stride_oh + offs_d,
-                                 o_h.to(OUT.dtype.element_ty), mask=d_mask)
+                        tl.store(OUT + tok0 * stride_ot + (kvh * G + g) * stride_oh + offs_d,
+                                 o_g.to(OUT.dtype.element_ty), mask=d_mask)
 
     @triton.jit
     def _merge_kernel(PACC, PLSE, OUT, stride_pt, stride_ph, stride_ot, stride_oh,
