@@ -472,9 +472,10 @@ _arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
 def _arrival_counters(count: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters for the folded split merge, one per (token, KV head) of a launch.
     Every launch leaves them zero again (the merging program resets its counter), so one buffer
-    per device and stream serves every call (a CUDA graph captures its address: it is allocated
-    large at the first call, normally the eager warm-up before capture, and never replaced unless
-    a launch needs more)."""
+    per device and stream serves every call on that stream; per stream, because launches on two
+    streams may run at once. A graph capture stream gets its buffer inside its first capture (from
+    the graph's pool, zeroed by a node of that graph); it is large from the start so that no later
+    launch replaces an address a graph holds."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     counters = _arrivals.get(key)

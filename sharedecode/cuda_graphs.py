@@ -234,17 +234,20 @@ class DecodeGraphs:
     def graph_key(self, num_seqs: int, layout: GroupLayout | None) -> GraphKey:
         """The graph of a step of `num_seqs` sequences: its bucket's plain graph without groups or
         once `max_group_graphs` other classes are captured, else the group graph of its class."""
-        size = next(b for b in self.buckets if b >= num_seqs)
+        size = self._bucket(num_seqs)
         if layout is None or not layout.num_chunks:
             return GraphKey(size, 0, 0)
         key = GraphKey(size, *capacity_class(layout))
         captured = sum(1 for k in self.graphs if k.chunks)
         return key if key in self.graphs or captured < self.max_group_graphs else GraphKey(size, 0, 0)
 
+    def _bucket(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
     def takes_copies(self, copies: list[tuple[int, int]], num_seqs: int) -> bool:
         """Whether the graph of a `num_seqs` step can make these copy-on-write copies itself: room
         in its bucket, and no block both read and written (its copies run in parallel)."""
-        if not self.copies_in_graph or len(copies) > next(b for b in self.buckets if b >= num_seqs):
+        if not self.copies_in_graph or len(copies) > self._bucket(num_seqs):
             return False
         return not {s for s, _ in copies} & {d for _, d in copies}
 
