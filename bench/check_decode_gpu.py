@@ -9,8 +9,11 @@ every step took the cascade (eager) or a group graph (graphs), and exits 1 on an
 look_ahead: greedy and seeded sampling (with EOS stops at different steps) with the scheduler's
 look-ahead on and off, through CUDA graphs (compiled) and Triton eager: the same tokens, every
 block freed, and steps really launched ahead.
+beams: beam search through CUDA graphs with the CUDA path's two-stage top-K (each row's best, then
+the request's) against the flat top-K over k x V: the same tokens and scores; HF generate's
+tokens on the same fp32 model are printed beside them.
 
-    python bench/check_decode_gpu.py [--only plain|shared|look_ahead]
+    python bench/check_decode_gpu.py [--only plain|shared|look_ahead|beams]
 """
 
 import argparse
@@ -213,9 +216,45 @@ def check_look_ahead() -> bool:
     return ok
 
 
+# ------------------------------------------------------------------------------ beams
+def check_beams() -> bool:
+    from sharedecode import BeamSearch
+    from sharedecode.strategies import beam_search
+
+    model = make_model(torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[2].add_(0.05)  # EOS (id 2) reachable: finished hypotheses compete
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 250, (int(n),), generator=gen).tolist() for n in (40, 300, 17)]
+    engine = Engine(model, backend="triton", kv_cache_bytes=2**30)
+    two_stage = beam_search.top_candidates
+    outcomes = {}
+    for name, per_row in (("two-stage", True), ("flat", False)):
+        beam_search.top_candidates = lambda lp, r, n, keep, per_row_first, f=two_stage, p=per_row: f(lp, r, n, keep, p)
+        try:
+            results = [BeamSearch(engine, num_beams=k, max_new_tokens=30, eos_token_id=2, num_return_sequences=2)
+                       .run(prompts) for k in (4, 8)]
+        finally:
+            beam_search.top_candidates = two_stage
+        outcomes[name] = [[(s.token_ids, round(s.score, 5)) for s in r.sequences] for rs in results for r in rs]
+    ok = outcomes["two-stage"] == outcomes["flat"] and engine.kv_stats().blocks_in_use == 0
+    hf_same = 0
+    for k in (4, 8):
+        for i, prompt in enumerate(prompts):
+            out = model.generate(torch.tensor([prompt], device="cuda"), num_beams=k, do_sample=False,
+                                 max_new_tokens=30, eos_token_id=2, pad_token_id=0, num_return_sequences=2,
+                                 early_stopping=False)
+            ours = outcomes["two-stage"][(0 if k == 4 else 1) * len(prompts) + i]
+            theirs = [[t for t in row[len(prompt):].tolist() if t != 0] for row in out]
+            hf_same += [o[0] for o in ours] == theirs
+    print(f"beams: two-stage top-K {'identical to' if ok else 'DIFFERS from'} the flat top-K; "
+          f"HF generate's tokens equal ours for {hf_same} of {2 * len(prompts)} prompts", flush=True)
+    return ok
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("plain", "shared", "look_ahead"))
+    parser.add_argument("--only", choices=("plain", "shared", "look_ahead", "beams"))
     args = parser.parse_args()
     if args.only in (None, "plain"):
         check_plain()
@@ -224,4 +263,7 @@ if __name__ == "__main__":
         sys.exit(1)
     if args.only in (None, "look_ahead") and not check_look_ahead():
         print("look-ahead: MISMATCH", flush=True)
+        sys.exit(1)
+    if args.only in (None, "beams") and not check_beams():
+        print("beams: MISMATCH", flush=True)
         sys.exit(1)

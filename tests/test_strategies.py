@@ -716,6 +716,23 @@ def test_step_device_group_equals_each_request_alone():
         assert torch.equal(alone, request.step_device(logits[i * k:(i + 1) * k]))
 
 
+@pytest.mark.parametrize("vocab,num_requests,k,keep", [(50, 3, 4, 8), (7, 2, 3, 9), (1000, 1, 8, 16)])
+def test_per_row_top_candidates_equal_the_flat_top_k(vocab, num_requests, k, keep):
+    """The CUDA path's two-stage top-K (each row's best, then the request's best of those) gives
+    HF's flat top-K over k x V: same scores, same flat indices, when there are no exact ties;
+    banned (-inf) tokens included, and a vocabulary smaller than `keep`."""
+    gen = torch.Generator().manual_seed(vocab)
+    for _ in range(20):
+        log_probs = torch.log_softmax(torch.randn(num_requests * k, vocab, generator=gen) * 3, dim=-1)
+        log_probs[:, 0] = float("-inf")
+        running = -torch.rand(num_requests * k, generator=gen) * 10
+        flat = beam_search.top_candidates(log_probs, running, num_requests, keep, per_row_first=False)
+        two_stage = beam_search.top_candidates(log_probs, running, num_requests, keep, per_row_first=True)
+        finite = flat[0] > float("-inf")  # (the order of -inf ties is any kernel's own)
+        assert torch.equal(flat[0], two_stage[0])
+        assert torch.equal(flat[1][finite], two_stage[1][finite])
+
+
 def test_float32_helpers_equal_torch():
     rng = random.Random(0)
     for _ in range(300):

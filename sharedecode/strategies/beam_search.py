@@ -82,6 +82,28 @@ def topk_indices(values: list[float], k: int) -> list[int]:
     return torch.topk(torch.frombuffer(array("f", values), dtype=torch.float32), k).indices.tolist()
 
 
+def top_candidates(log_probs: torch.Tensor, running: torch.Tensor, num_requests: int, keep: int,
+                   per_row_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each request's `keep` best scores `log_probs + running[:, None]` over its rows (each request
+    owns consecutive rows), with their flat indices `row_in_request * V + token`, as HF's
+    `topk(scores.view(batch, k * V), keep)` gives them.
+
+    `per_row_first`: take each row's best `keep` tokens first and the request's best `keep` among
+    those (a row's candidates that can make the request's top `keep` are among its own best
+    `keep`, since adding the row's running score keeps their order). Same values and indices but
+    for the order of exact ties, and on a GPU one radix-select pass over k x V values becomes one
+    per row of V: used on CUDA, where tie order is the kernel's own anyway."""
+    rows, vocab = log_probs.shape
+    if not per_row_first:
+        return torch.topk((log_probs + running[:, None]).reshape(num_requests, -1), k=keep)
+    row_values, row_tokens = torch.topk(log_probs, k=min(keep, vocab), dim=-1)
+    scores = (row_values + running[:, None]).reshape(num_requests, -1)
+    values, positions = torch.topk(scores, k=keep)
+    beams = torch.div(positions, row_values.shape[1], rounding_mode="floor")
+    tokens = row_tokens.reshape(num_requests, -1).gather(1, positions)
+    return values, beams * vocab + tokens
+
+
 class BeamRequest(Request):
     """One prompt's beam search. Its scores live on the host as Python floats that are always
     float32 values, and every operation on them rounds to float32 as torch does (see `_select`)."""
@@ -139,8 +161,8 @@ class BeamRequest(Request):
                 upload([flag for flag in banned for _ in range(k)], log_probs.device, torch.bool)
             log_probs = ban_tokens_(log_probs, rule.eos_token_ids, rows)  # log_probs is ours
         running = upload([x for r in requests for x in r.running_scores], log_probs.device, torch.float32)
-        log_probs = (log_probs + running[:, None]).reshape(len(requests), k * vocab)
-        topk_log_probs, topk_indices = torch.topk(log_probs, k=first.beams_to_keep)
+        topk_log_probs, topk_indices = top_candidates(log_probs, running, len(requests), first.beams_to_keep,
+                                                      per_row_first=log_probs.is_cuda)
         for request in requests:
             request.vocab = vocab
         flat = torch.cat((topk_log_probs.double(), topk_indices.double()), dim=1).reshape(-1)
