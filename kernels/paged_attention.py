@@ -469,9 +469,10 @@ _ARRIVALS_MIN = 1 << 16
 _arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _arrival_counters(count: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters for the folded split merge, one per (token, KV head) of a launch.
-    Every launch leaves them zero again (the merging program resets its counter), so one buffer
+def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for a last-arrival step (the folded split merge here, the folded
+    split-K sum of skinny_matmul.py): `count` of them, one per group of programs of a launch.
+    Every launch leaves them zero again (the program that arrives last resets its counter), so one buffer
     per device and stream serves every call on that stream; per stream, because launches on two
     streams may run at once. A graph capture stream gets its buffer inside its first capture (from
     the graph's pool, zeroed by a node of that graph); it is large from the start so that no later
@@ -529,7 +530,7 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         pacc = plse = out  # unused placeholders
     if merge_here and (not decode or num_splits == 1 or kv_start is not None):
         raise ValueError("merge_here needs a decode batch (T == S) with num_splits > 1 and no kv_start")
-    arrivals = _arrival_counters(t * hkv, query.device) if merge_here else context_lens
+    arrivals = arrival_counters(t * hkv, query.device) if merge_here else context_lens
     grid = (n_qblocks, hkv, num_splits)
     _paged_attn_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, query_start_loc,

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .paged_attention import HAS_TRITON, _dot_f32, _interpreting, _next_pow2, _num_sms
+from .paged_attention import HAS_TRITON, _dot_f32, _interpreting, _next_pow2, _num_sms, arrival_counters
 
 if HAS_TRITON:
     import triton
@@ -159,11 +159,11 @@ if HAS_TRITON:
 
     # M only enters masks: not specialising on it (M == 1 would be) saves a compile per M.
     @triton.jit(do_not_specialize=["M"])
-    def _skinny_kernel(X, W, BIAS, Y, P, M, N, K, k_per_split, k_iters,
+    def _skinny_kernel(X, W, BIAS, Y, P, ARRIVALS, M, N, K, k_per_split, k_iters,
                        stride_xm, stride_xk, stride_wn, stride_b, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                       PREC: tl.constexpr, DOT_F32: tl.constexpr):
+                       PREC: tl.constexpr, DOT_F32: tl.constexpr, SUM_HERE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -195,6 +195,20 @@ if HAS_TRITON:
         if PARTIAL:  # fp32 partial sums of this K slice: P [SPLIT_K, M, N]
             p_ptrs = P + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
             tl.store(p_ptrs, acc, mask=m_mask & n_mask)
+            if SUM_HERE:  # the last K slice of this column block to finish sums all of them
+                splits = tl.num_programs(1)
+                arrived = tl.atomic_add(ARRIVALS + pid_n, 1, sem="acq_rel")  # see paged_attention.py
+                if arrived == splits - 1:
+                    tl.atomic_xchg(ARRIVALS + pid_n, 0, sem="relaxed")
+                    tile = P + offs_m[:, None] * N + offs_n[None, :]
+                    total = tl.load(tile, mask=m_mask & n_mask, other=0.0)
+                    for s in range(1, splits):  # fixed order: the result is deterministic
+                        total += tl.load(tile + s * M * N, mask=m_mask & n_mask, other=0.0)
+                    if HAS_BIAS:
+                        bias = tl.load(BIAS + offs_n * stride_b, mask=offs_n < N, other=0.0)
+                        total += bias.to(tl.float32)[None, :]
+                    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :],
+                             total.to(Y.dtype.element_ty), mask=m_mask & n_mask)
         else:
             if HAS_BIAS:
                 b = tl.load(BIAS + offs_n * stride_b, mask=offs_n < N, other=0.0)
@@ -243,6 +257,9 @@ def _split_plan(K: int, config: SkinnyConfig) -> tuple[int, int]:
     return k_per_split, -(-K // k_per_split)
 
 
+SUM_SPLITS_IN_KERNEL = True  # False: split-K partials summed by a second kernel (benchmarks)
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   config: Optional[SkinnyConfig] = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]) through the Triton skinny GEMM.
@@ -269,21 +286,26 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     config.check()
     k_per_split, splits = _split_plan(K, config)
     y = _alloc((M, N), x.dtype, x.device)
-    # Split-K partials go to an fp32 scratch [splits, M, N] summed by a second kernel rather than
-    # to fp32 atomics: no zeroing launch (every partial is written), a result that does not
-    # depend on the order programs finish in (same logits in eager, compiled and graph replays),
-    # and the scratch is at most 64 x 16 x N x 4 bytes, negligible next to W.
+    # Split-K partials go to an fp32 scratch [splits, M, N] rather than to fp32 atomics: no
+    # zeroing launch (every partial is written), and a result that does not depend on the order
+    # programs finish in (same logits in eager, compiled and graph replays); the scratch is at
+    # most 64 x 16 x N x 4 bytes, negligible next to W. The last program of each column block to
+    # finish sums the slices in a fixed order (an arrival counter, as paged_attention's split
+    # merge), so split-K costs no second launch.
     partial = splits > 1
+    sum_here = partial and SUM_SPLITS_IN_KERNEL
     scratch = _alloc((splits, M, N), torch.float32, x.device) if partial else y
     b = bias if bias is not None else y  # placeholder pointer when there is no bias
-    _skinny_kernel[(-(-N // config.block_n), splits)](
-        x, weight, b, y, scratch, M, N, K, k_per_split, k_per_split // config.block_k,
+    column_blocks = -(-N // config.block_n)
+    arrivals = arrival_counters(column_blocks, x.device) if sum_here else y
+    _skinny_kernel[(column_blocks, splits)](
+        x, weight, b, y, scratch, arrivals, M, N, K, k_per_split, k_per_split // config.block_k,
         x.stride(0), x.stride(1), weight.stride(0), b.stride(0), y.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PARTIAL=partial,
         HAS_BIAS=bias is not None, EVEN_K=splits * k_per_split == K,
         PREC="ieee" if x.dtype == torch.float32 else None, DOT_F32=_dot_f32(x.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    if partial:
+        SUM_HERE=sum_here, num_warps=config.num_warps, num_stages=config.num_stages)
+    if partial and not sum_here:
         _split_k_reduce_kernel[(M, -(-N // _REDUCE_BLOCK))](
             scratch, b, y, M, N, b.stride(0), y.stride(0), SPLIT_K=splits,
             HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4)

@@ -112,6 +112,29 @@ def test_split_k_is_deterministic_and_matches_no_split(device):
     torch.testing.assert_close(a, one, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_k_summed_in_the_kernel_equals_the_sum_kernel(bias, device):
+    """The last K slice of a column block to finish sums the slices (the default): the same bits
+    as the separate sum kernel, every arrival counter back at zero after each launch (a counter
+    left behind would stop the next launch's sum, leaving the poisoned output NaN)."""
+    from sharedecode.kernels import paged_attention as pa
+
+    x = torch.randn(5, 200, device=device)
+    w = torch.randn(70, 200, device=device)
+    b = torch.randn(70, device=device) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    for _ in range(2):
+        folded = skinny_linear(x, w, b, config=CONFIGS["split"])
+        assert rel_err(folded, ref) < 1e-5
+        assert all(int(c.count_nonzero()) == 0 for c in pa._arrivals.values())
+    sm.SUM_SPLITS_IN_KERNEL = False
+    try:
+        separate = skinny_linear(x, w, b, config=CONFIGS["split"])
+    finally:
+        sm.SUM_SPLITS_IN_KERNEL = True
+    assert torch.equal(folded, separate)
+
+
 def test_torch_reference(device):
     for dtype in DTYPES:
         x = rand(3, 70, dtype=dtype, device=device)
