@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
 from sharedecode.kernels import paged_attention as paged_attention_module  # noqa: E402
 from sharedecode.kernels import skinny_matmul as skinny_matmul_module  # noqa: E402
+import sharedecode.attention as attention_module  # noqa: E402
 
 MODELS = {
     "M1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -278,8 +279,8 @@ def main():
     parser.add_argument("--ablate-graph-copies", action="store_true",
                         help="also time each workload with copy-on-write copies launched before the replay")
     parser.add_argument("--ablate-merge", action="store_true",
-                        help="also time the decode step with the split-KV merge and the split-K sum as "
-                             "kernels of their own")
+                        help="also time the decode step with the split-KV merge, the split-K sum and "
+                             "the KV write as kernels of their own")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -333,13 +334,13 @@ def main():
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
-        variants = []  # (name, compile, fused projections, skinny GEMM, split merge / sum in the kernels)
+        variants = []  # (name, compile, fused projections, skinny GEMM, merge / sum / KV write folded)
         if args.decode_variants:
             variants += [("graphs", False, False, False, True), ("graphs+compile", True, False, False, True)]
         if args.ablate_skinny:
             variants.append(("compile+fused, cuBLAS projections", True, True, False, True))
         if args.ablate_merge:
-            variants.append(("split merge and split-K sum as their own kernels", True, True, True, False))
+            variants.append(("merge, split-K sum and KV write as kernels of their own", True, True, True, False))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, merge_in_kernel in variants:
@@ -351,6 +352,7 @@ def main():
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
                 paged_attention_module.MERGE_SPLITS_IN_KERNEL = merge_in_kernel  # read at capture
                 skinny_matmul_module.SUM_SPLITS_IN_KERNEL = merge_in_kernel
+                attention_module.WRITE_KV_IN_KERNEL = merge_in_kernel
                 try:
                     for batch in (1, 8, 64):
                         row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
@@ -360,6 +362,7 @@ def main():
                 finally:
                     paged_attention_module.MERGE_SPLITS_IN_KERNEL = True
                     skinny_matmul_module.SUM_SPLITS_IN_KERNEL = True
+                    attention_module.WRITE_KV_IN_KERNEL = True
                 del plain
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

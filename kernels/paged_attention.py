@@ -293,8 +293,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_attn_kernel(
-        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE, ARRIVALS,
+        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE, ARRIVALS, KNEW, VNEW, SLOTS,
         num_seqs, num_kv_heads, qk_scale, softcap, window,
+        stride_nkt, stride_nkh, stride_nvt, stride_nvh,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, stride_ot, stride_oh,
         stride_pt, stride_ph, stride_ps, split_offset,
@@ -303,6 +304,7 @@ if HAS_TRITON:
         NUM_SPLITS: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
         K_ROWS: tl.constexpr, MERGE_HERE: tl.constexpr, NS_PAD: tl.constexpr,
+        WRITE_KV: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -348,6 +350,19 @@ if HAS_TRITON:
             t0 = tile_lo + split * per
             tile_hi = tl.minimum(t0 + per, tile_hi)
             tile_lo = t0
+
+        if WRITE_KV:  # decode: the program whose tiles hold the new token writes its K/V first
+            new_tok = (q_start + qb).to(tl.int64)
+            new_slot = tl.load(SLOTS + new_tok).to(tl.int64)  # negative: padding, nothing to write
+            last_tile = (kv_hi - 1) // TILE_N
+            if (tile_lo <= last_tile) & (last_tile < tile_hi) & (new_slot >= 0):
+                new_at = (new_slot // BS) * stride_kb + (new_slot % BS) * stride_kt + kvh * stride_kh
+                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask)
+                tl.store(K + new_at + offs_d, new_k, mask=d_mask)
+                new_at = (new_slot // BS) * stride_vb + (new_slot % BS) * stride_vt + kvh * stride_vh
+                new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask)
+                tl.store(V + new_at + offs_d, new_v, mask=d_mask)
+            tl.debug_barrier()  # the block's threads read what its threads wrote
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -498,9 +513,10 @@ def _launch_merge(pacc, plse, out, num_splits, d, d_pad):
 def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, *, kv_start=None, pacc=None,
                   plse=None, split_offset=0, block_q=None, tile_n=None, num_warps=None,
-                  num_stages=None, k_rows=None, merge_here=False):
+                  num_stages=None, k_rows=None, merge_here=False, new_kv=None):
     """Launch the unified kernel. With num_splits > 1 or kv_start it writes partials (pacc/plse);
-    `merge_here` (decode splits without kv_start) also merges them into `out` in the same launch."""
+    `merge_here` (decode splits without kv_start) also merges them into `out` in the same launch.
+    `new_kv` (decode): (key, value, slot_mapping) written into the caches by the kernel itself."""
     t, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
     s = block_tables.shape[0]
@@ -531,11 +547,16 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
     if merge_here and (not decode or num_splits == 1 or kv_start is not None):
         raise ValueError("merge_here needs a decode batch (T == S) with num_splits > 1 and no kv_start")
     arrivals = arrival_counters(t * hkv, query.device) if merge_here else context_lens
+    if new_kv is not None and (not decode or kv_start is not None):
+        raise ValueError("new_kv needs a decode batch (T == S) without kv_start")
+    new_k, new_v, slots = new_kv if new_kv is not None else (query, query, context_lens)
     grid = (n_qblocks, hkv, num_splits)
     _paged_attn_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         kv_start if kv_start is not None else context_lens, out, pacc, plse, arrivals,
+        new_k, new_v, slots,
         s, hkv, float(scale), float(softcap or 1.0), int(sliding_window or 0),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
@@ -545,7 +566,8 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         TILE_N=tile_n, NUM_SPLITS=num_splits, HAS_KV_START=kv_start is not None,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, PREC=prec,
         DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, MERGE_HERE=merge_here,
-        NS_PAD=max(2, _next_pow2(num_splits)), num_warps=num_warps, **extra)
+        NS_PAD=max(2, _next_pow2(num_splits)), WRITE_KV=new_kv is not None, num_warps=num_warps,
+        **extra)
 
 
 def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
@@ -563,7 +585,7 @@ def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
 
 def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, *,
                     scale, sliding_window=None, softcap=None, out=None, max_context_len=None,
-                    num_splits=None, _config=None):
+                    num_splits=None, new_kv=None, _config=None):
     """Paged attention through the Triton kernel (GPU, or the Triton interpreter).
 
     query [T, Hq, D] fp16/bf16/fp32; k_cache, v_cache [num_blocks, block_size, Hkv, D] (same
@@ -574,7 +596,11 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     sequence has exactly one query (T == S) and the batch is too small to fill the GPU, keys are
     split over ``num_splits`` programs (chosen from S, Hkv and the optional python-int hint
     ``max_context_len``, or given) and merged by log-sum-exp. No host sync: safe to capture in a
-    CUDA graph as long as shapes and python arguments stay the same. ``_config`` (dict of
+    CUDA graph as long as shapes and python arguments stay the same. ``new_kv`` (decode batches
+    only): (key [T, Hkv, D], value, slot_mapping [T]) of the new tokens, written into their slots
+    by the kernel before it reads them (one launch instead of `write_kv` and this; a negative slot
+    is padding), so context_lens then count them without their being in the cache yet.
+    ``_config`` (dict of
     block_q, tile_n, num_warps, num_stages, k_rows, merge_here: False merges the splits in a
     separate kernel as before) is for benchmarks.
     """
@@ -588,6 +614,18 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     if max_context_len is not None and (not isinstance(max_context_len, int) or max_context_len < 0):
         raise ValueError(f"max_context_len must be a non-negative python int, got {max_context_len!r}")
     t, hq, d = query.shape
+    if new_kv is not None:
+        from .kv_cache_ops import _check_write
+
+        if not isinstance(new_kv, tuple) or len(new_kv) != 3:
+            raise TypeError("new_kv must be a tuple (key, value, slot_mapping)")
+        _check_write(new_kv[0], new_kv[1], k_cache, v_cache, new_kv[2])
+        if t != s or new_kv[0].shape[0] != t:
+            raise ValueError(f"new_kv is for decode batches (one query per sequence, T == S) with T "
+                             f"keys; got T={t}, S={s} and {new_kv[0].shape[0]} keys (write them "
+                             "with write_kv first)")
+        if new_kv[0].stride(-1) != 1 or new_kv[1].stride(-1) != 1:
+            raise ValueError("new_kv's key and value must be contiguous in their last dimension")
     if t == 0 or s == 0:
         return out
     decode = t == s
@@ -600,14 +638,14 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     cfg = dict(_config or {})
     if num_splits == 1:
         _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
-                      scale, sliding_window, softcap, 1, **cfg)
+                      scale, sliding_window, softcap, 1, new_kv=new_kv, **cfg)
         return out
     d_pad = max(16, _next_pow2(d))
     pacc, plse = _alloc_partials(t, hq, num_splits, d_pad, query.device)
     merge_here = cfg.pop("merge_here", MERGE_SPLITS_IN_KERNEL)
     _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, pacc=pacc, plse=plse,
-                  merge_here=merge_here, **cfg)
+                  merge_here=merge_here, new_kv=new_kv, **cfg)
     if not merge_here:
         _launch_merge(pacc, plse, out, num_splits, d, d_pad)
     return out

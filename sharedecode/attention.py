@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_
 
 ATTENTION_NAME = "sharedecode_paged"
 BACKENDS = ("torch", "triton")
+WRITE_KV_IN_KERNEL = True  # False: a plain decode step writes K/V in a launch of its own (benchmarks)
 
 
 @dataclass
@@ -103,10 +104,13 @@ def _compiled_step(q, key, value, batch: PagedBatch, layer_idx: int, scale: floa
 
 def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, sliding_window, softcap,
                  prefix_groups: PrefixGroups | None) -> torch.Tensor:
-    """Write the new keys/values into their slots, then attend through the block tables."""
+    """Write the new keys/values into their slots, then attend through the block tables (in one
+    launch for a plain decode step: the attention kernel writes them itself)."""
     from sharedecode.kernels.kv_cache_ops import write_kv
 
-    write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+    one_launch = prefix_groups is None and q.shape[0] == batch.block_tables.shape[0] and WRITE_KV_IN_KERNEL
+    if not one_launch:
+        write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
     if prefix_groups is not None:
         from sharedecode.kernels.shared_prefix import shared_prefix_decode
 
@@ -117,7 +121,8 @@ def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, slid
     return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                            batch.query_start_loc, scale=scale, sliding_window=sliding_window,
                            softcap=softcap, max_context_len=batch.max_context_len,
-                           num_splits=batch.num_splits)
+                           num_splits=batch.num_splits,
+                           new_kv=(key, value, batch.slot_mapping) if one_launch else None)
 
 
 # Declared without mutated arguments on purpose: the op writes the new tokens' K/V into the pool and

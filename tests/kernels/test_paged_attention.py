@@ -94,6 +94,51 @@ def test_split_merge_in_the_kernel_matches_the_merge_kernel(dtype, device):
         torch.testing.assert_close(folded, separate)  # (one merge each: at most rounding apart)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_writes_the_new_keys_and_values_itself(num_splits, dtype, device):
+    """new_kv: the kernel writes each sequence's new K/V into its slot and attends to it in the
+    same launch. The caches hold NaN at the new slots before the call, so an unwritten slot (or one
+    read before the write) poisons the output; a padding row (slot -1) writes nothing, even with
+    garbage keys."""
+    case = make_case([(1, 45), (1, 130), (1, 3), (1, 16), (1, 33)], 8, 2, 64, 16, dtype, device, share=False)
+    q, k_cache, v_cache, bt, ctx, qsl = case
+    ref = naive_attention(*[x.cpu() for x in case], scale=0.125)
+    pos = (ctx - 1).long()
+    slots = bt[torch.arange(len(pos)), pos // 16].long() * 16 + pos % 16
+    new_k, new_v = k_cache.flatten(0, 1)[slots].clone(), v_cache.flatten(0, 1)[slots].clone()
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    padding = 4  # its slot already holds its key; the row's garbage must not be written
+    new_k[padding], new_v[padding] = 1e4, -1e4
+    slots[padding] = -1
+    for row in range(len(pos)):
+        if row != padding:
+            k_cache.view(-1, *k_cache.shape[2:])[slots[row]] = float("nan")
+            v_cache.view(-1, *v_cache.shape[2:])[slots[row]] = float("nan")
+    out = _run(paged_attention, case, scale=0.125, num_splits=num_splits, new_kv=(new_k, new_v, slots))
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+    assert torch.equal(k_cache.isnan(), before_k.isnan()) and torch.equal(v_cache.isnan(), before_v.isnan())
+    finite = ~before_k.isnan()
+    assert torch.equal(k_cache[finite], before_k[finite]) and torch.equal(v_cache[finite], before_v[finite])
+
+
+def test_new_kv_is_validated(device):
+    case = make_case(MODES["decode"], 4, 2, 64, 8, torch.float32, device)
+    q, k_cache = case[0], case[1]
+    key = torch.zeros(q.shape[0], 2, 64, device=device)
+    slots = torch.zeros(q.shape[0], dtype=torch.int64, device=device)
+    with pytest.raises(TypeError, match="new_kv"):
+        paged_attention(*case, scale=0.1, new_kv=[key, key, slots])
+    with pytest.raises(ValueError, match="key"):
+        paged_attention(*case, scale=0.1, new_kv=(key[:, :1], key, slots))
+    prefill = make_case(MODES["prefill"], 4, 2, 64, 8, torch.float32, device)
+    rows = prefill[0].shape[0]
+    with pytest.raises(ValueError, match="decode"):
+        paged_attention(*prefill, scale=0.1, new_kv=(torch.zeros(rows, 2, 64, device=device),
+                                                     torch.zeros(rows, 2, 64, device=device),
+                                                     torch.zeros(rows, dtype=torch.int64, device=device)))
+
+
 def test_merge_here_needs_a_split_decode_batch(device):
     from sharedecode.kernels.paged_attention import _launch_paged
 
