@@ -279,8 +279,8 @@ def main():
     parser.add_argument("--ablate-graph-copies", action="store_true",
                         help="also time each workload with copy-on-write copies launched before the replay")
     parser.add_argument("--ablate-merge", action="store_true",
-                        help="also time the decode step with the split-KV merge, the split-K sum and "
-                             "the KV write as kernels of their own")
+                        help="also time the decode step with the split-KV merge, the split-K sum (and "
+                             "the KV write, off by default) as kernels of their own")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -340,7 +340,7 @@ def main():
         if args.ablate_skinny:
             variants.append(("compile+fused, cuBLAS projections", True, True, False, True))
         if args.ablate_merge:
-            variants.append(("merge, split-K sum and KV write as kernels of their own", True, True, True, False))
+            variants.append(("split merge and split-K sum as kernels of their own", True, True, True, False))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, merge_in_kernel in variants:
@@ -350,9 +350,12 @@ def main():
                 elif plain.graphs is not None and plain.graphs.fuser is not None:
                     plain.graphs.fuser.skinny = skinny
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
-                paged_attention_module.MERGE_SPLITS_IN_KERNEL = merge_in_kernel  # read at capture
-                skinny_matmul_module.SUM_SPLITS_IN_KERNEL = merge_in_kernel
-                attention_module.WRITE_KV_IN_KERNEL = merge_in_kernel
+                folds = (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
+                         attention_module.WRITE_KV_IN_KERNEL)
+                if not merge_in_kernel:  # (read when the graphs are captured)
+                    paged_attention_module.MERGE_SPLITS_IN_KERNEL = False
+                    skinny_matmul_module.SUM_SPLITS_IN_KERNEL = False
+                    attention_module.WRITE_KV_IN_KERNEL = False
                 try:
                     for batch in (1, 8, 64):
                         row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
@@ -360,9 +363,8 @@ def main():
                         print(f"  {name} decode ({variant}) batch {batch:3d}: {row['step_ms']:.3f} ms, "
                               f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}", flush=True)
                 finally:
-                    paged_attention_module.MERGE_SPLITS_IN_KERNEL = True
-                    skinny_matmul_module.SUM_SPLITS_IN_KERNEL = True
-                    attention_module.WRITE_KV_IN_KERNEL = True
+                    (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
+                     attention_module.WRITE_KV_IN_KERNEL) = folds
                 del plain
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

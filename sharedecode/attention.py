@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_
 
 ATTENTION_NAME = "sharedecode_paged"
 BACKENDS = ("torch", "triton")
-WRITE_KV_IN_KERNEL = True  # False: a plain decode step writes K/V in a launch of its own (benchmarks)
+# True: a plain decode step's attention kernel writes the new K/V itself (one launch instead of two).
+# Off: on the H100 it measured no gain at batch 1 and 8 and 3.48 against 1.97 ms at batch 64 in one
+# run (bench/NOTES.md, item 27); tested and kept for the next measurement.
+WRITE_KV_IN_KERNEL = False
 
 
 @dataclass

@@ -304,6 +304,35 @@ def test_graph_copies_fall_back_to_a_launch_when_they_do_not_fit(model, monkeypa
     assert all(not c for c in graphs.copies_taken)
 
 
+def test_plain_decode_with_the_kv_write_in_the_attention_kernel_matches_hf(model, monkeypatch):
+    """WRITE_KV_IN_KERNEL (off by default): the plain decode step's attention kernel writes the
+    new keys/values itself, on the graph path and eagerly; no separate write runs inside a decode
+    step, and the logits still match HF (they could not if the new keys were never written)."""
+    import sharedecode.attention as attention
+    from sharedecode.kernels import kv_cache_ops
+
+    monkeypatch.setattr(attention, "WRITE_KV_IN_KERNEL", True)
+    decoding, writes_in_decode = [False], []
+    write_kv = kv_cache_ops.write_kv
+    monkeypatch.setattr(kv_cache_ops, "write_kv",
+                        lambda *a: writes_in_decode.append(decoding[0]) or write_kv(*a))
+    graph_path, _ = graph_engine(model, monkeypatch)
+    eager = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    for engine in (graph_path, eager):
+        decode = engine.decode
+
+        def flagged(*args, decode=decode, **kwargs):
+            decoding[0] = True
+            try:
+                return decode(*args, **kwargs)
+            finally:
+                decoding[0] = False
+
+        engine.decode = flagged
+        decode_and_check(engine, model, "none", steps=2)
+    assert writes_in_decode and not any(writes_in_decode)  # prefill writes separately, decode does not
+
+
 def test_graph_path_over_the_group_graph_bound_takes_the_plain_graph(model, monkeypatch, cascade_calls):
     engine, keys = graph_engine(model, monkeypatch, max_group_graphs=0)
     decode_and_check(engine, model, "several_groups", steps=1)
