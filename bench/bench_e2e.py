@@ -281,6 +281,8 @@ def main():
     parser.add_argument("--ablate-merge", action="store_true",
                         help="also time the decode step with the split-KV merge, the split-K sum (and "
                              "the KV write, off by default) as kernels of their own")
+    parser.add_argument("--kv-write-in-kernel", action="store_true",
+                        help="also time the decode step with the KV write folded into the attention kernel")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -334,13 +336,15 @@ def main():
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
-        variants = []  # (name, compile, fused projections, skinny GEMM, merge / sum / KV write folded)
+        variants = []  # (name, compile, fused projections, skinny GEMM, folds: True, False or "write")
         if args.decode_variants:
             variants += [("graphs", False, False, False, True), ("graphs+compile", True, False, False, True)]
         if args.ablate_skinny:
             variants.append(("compile+fused, cuBLAS projections", True, True, False, True))
         if args.ablate_merge:
             variants.append(("split merge and split-K sum as kernels of their own", True, True, True, False))
+        if args.kv_write_in_kernel:
+            variants.append(("KV write in the attention kernel", True, True, True, "write"))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, merge_in_kernel in variants:
@@ -352,6 +356,7 @@ def main():
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
                 folds = (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
                          attention_module.WRITE_KV_IN_KERNEL)
+                attention_module.WRITE_KV_IN_KERNEL = merge_in_kernel == "write"
                 if not merge_in_kernel:  # (read when the graphs are captured)
                     paged_attention_module.MERGE_SPLITS_IN_KERNEL = False
                     skinny_matmul_module.SUM_SPLITS_IN_KERNEL = False
