@@ -2,11 +2,14 @@
 # A GPU session's runs in priority order, each under its own time limit so that one overrun does
 # not lose the rest; logs and JSON go under $OUT. From the repository root on the device machine:
 #
-#   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~9 min: GPU correctness, then M1 end to end (ablations)
-#   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~9 min: host hot spots, cascade shapes, M2
+#   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~7 min: GPU correctness (decode logits, beams,
+#                                               #   look-ahead; the kernel tests on compiled kernels)
+#   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~7 min: M1 end to end, copies in the graph ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 3    # ~8 min: decode-step folds (twice), W-beam timeline,
+#                                               #   host hot spots, M2 W-beam-batch
 #
-# Phase 1 is what every session should run first: check_decode_gpu.py compares the engine's
-# decode logits (graphs, compile, skinny GEMM, cascade, look-ahead) with the model's own forward.
+# Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
+# without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}" "${COMMIT:?set COMMIT}"
@@ -21,19 +24,26 @@ run() {  # run LIMIT_S NAME COMMAND...: the command's output, warnings left out,
 case "${1:-1}" in
 1)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    run 150 check python bench/check_decode_gpu.py
-    run 400 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-merge --ablate-graph-copies \
-        --time-budget 330 --out "$OUT/e2e-M1-$COMMIT.json"
+    run 200 check python bench/check_decode_gpu.py
+    SHAREDECODE_TEST_CUDA=1 run 220 kernel-tests python -m pytest -q -x -rf tests/kernels/test_paged_attention.py \
+        tests/kernels/test_kv_cache_ops.py tests/kernels/test_skinny_matmul.py
     ;;
 2)
-    run 150 cprofile python bench/cprofile_workload.py --only W-beam --out "$OUT/cprofile-M1-$COMMIT.json"
-    run 120 cascade python bench/bench_cascade_shapes.py --only WS256,WBeamBatch \
-        --out "$OUT/cascade-$COMMIT.json"
-    run 250 e2e-M2 python bench/bench_e2e.py --models M2 --repeats 3 --skip-hf-batch --skip-decode \
-        --only W-beam-batch --time-budget 200 --out "$OUT/e2e-M2-$COMMIT.json"
+    run 420 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-graph-copies \
+        --time-budget 360 --out "$OUT/e2e-M1-$COMMIT.json"
+    ;;
+3)
+    for i in 1 2; do
+        run 150 "decode-folds-$i" python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --ablate-merge \
+            --kv-write-in-kernel --skip-hf-batch --out "$OUT/decode-folds-$COMMIT-$i.json"
+    done
+    run 120 timeline python bench/step_timeline.py --only "W-beam k=8" --repeats 3 \
+        --out "$OUT/timeline-M1-$COMMIT.json"
+    run 150 e2e-M2 python bench/bench_e2e.py --models M2 --repeats 3 --skip-hf-batch --skip-decode \
+        --only W-beam-batch --time-budget 120 --out "$OUT/e2e-M2-$COMMIT.json"
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3" >&2
     exit 2
     ;;
 esac
