@@ -25,7 +25,7 @@ case "${1:-1}" in
 1)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     run 200 check python bench/check_decode_gpu.py
-    SHAREDECODE_TEST_CUDA=1 run 220 kernel-tests python -m pytest -q -x -rf tests/kernels/test_paged_attention.py \
+    run 220 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_paged_attention.py \
         tests/kernels/test_kv_cache_ops.py tests/kernels/test_skinny_matmul.py
     ;;
 2)
