@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
+from bench.graph_timing import median_replay_us  # noqa: E402
 from sharedecode.kernels import paged_attention as paged_attention_module  # noqa: E402
 from sharedecode.kernels import skinny_matmul as skinny_matmul_module  # noqa: E402
 import sharedecode.attention as attention_module  # noqa: E402
@@ -145,15 +146,7 @@ def replay_seconds(engine: Engine, batch: int, steps: int) -> float | None:
     if not keys:
         return None
     graph, _ = graphs.graphs[keys[0]]
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return median_replay_us(graph, steps) / 1e6
 
 
 def check_logits(model, engine: Engine) -> dict:

@@ -24,6 +24,13 @@ def replay_us(fn: Callable[[], object], repeats: int = 50, warm: int = 3) -> flo
         fn()
     for _ in range(5):
         graph.replay()
+    median = median_replay_us(graph, repeats)
+    del graph
+    return median
+
+
+def median_replay_us(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    """Median microseconds of `repeats` replays of a captured graph, each between CUDA events."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -32,5 +39,4 @@ def replay_us(fn: Callable[[], object], repeats: int = 50, warm: int = 3) -> flo
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    del graph
     return statistics.median(times)
