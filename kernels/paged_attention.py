@@ -351,28 +351,42 @@ if HAS_TRITON:
             tile_hi = tl.minimum(t0 + per, tile_hi)
             tile_lo = t0
 
-        if WRITE_KV:  # decode: the program whose tiles hold the new token writes its K/V first
-            new_tok = (q_start + qb).to(tl.int64)
-            new_slot = tl.load(SLOTS + new_tok).to(tl.int64)  # negative: padding, nothing to write
-            last_tile = (kv_hi - 1) // TILE_N
-            if (tile_lo <= last_tile) & (last_tile < tile_hi) & (new_slot >= 0):
-                new_at = (new_slot // BS) * stride_kb + (new_slot % BS) * stride_kt + kvh * stride_kh
-                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask)
-                tl.store(K + new_at + offs_d, new_k, mask=d_mask)
-                new_at = (new_slot // BS) * stride_vb + (new_slot % BS) * stride_vt + kvh * stride_vh
-                new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask)
-                tl.store(V + new_at + offs_d, new_v, mask=d_mask)
-            tl.debug_barrier()  # the block's threads read what its threads wrote
-
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         bt_row = BT + seq.to(tl.int64) * stride_bt
+        kv_read_hi = kv_hi
+        if WRITE_KV:  # (decode) the new token's K/V are not in the cache yet: read the keys before it
+            kv_read_hi = kv_hi - 1
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, bt_row, tile_lo, tile_hi,
-            kv_lo, kv_hi, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb,
+            kv_lo, kv_read_hi, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb,
             stride_vt, qk_scale, softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, True, PREC,
             DOT_F32, K_ROWS)
+        if WRITE_KV:
+            # The program whose tiles end at the new token attends to it from registers (as a tile
+            # whose one key is the new one) and then stores it into its slot. Nothing in this launch
+            # reads that slot, so no barrier and no store ahead of the tile loop's pipelined loads.
+            new_tok = (q_start + qb).to(tl.int64)
+            last_tile = (kv_hi - 1) // TILE_N
+            if (tile_lo <= last_tile) & (last_tile < tile_hi):
+                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask, other=0.0)
+                new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask, other=0.0)
+                first = tl.arange(0, TILE_N) == 0
+                kt = tl.where(first[None, :], new_k[:, None], 0.0).to(new_k.dtype)  # [D, N]: key 0
+                vt = tl.where(first[:, None], new_v[None, :], 0.0).to(new_v.dtype)  # [N, D]
+                if DOT_F32:
+                    kt = kt.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                s_new = _scaled_scores(tl.dot(q, kt, input_precision=PREC), qk_scale, softcap, HAS_SOFTCAP)
+                s_new = tl.where(row_valid[:, None] & first[None, :], s_new, float("-inf"))
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s_new, vt, PREC)
+                new_slot = tl.load(SLOTS + new_tok).to(tl.int64)  # negative: padding, not stored
+                if new_slot >= 0:
+                    new_at = (new_slot // BS) * stride_kb + (new_slot % BS) * stride_kt + kvh * stride_kh
+                    tl.store(K + new_at + offs_d, new_k, mask=d_mask)
+                    new_at = (new_slot // BS) * stride_vb + (new_slot % BS) * stride_vt + kvh * stride_vh
+                    tl.store(V + new_at + offs_d, new_v, mask=d_mask)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -597,9 +611,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     split over ``num_splits`` programs (chosen from S, Hkv and the optional python-int hint
     ``max_context_len``, or given) and merged by log-sum-exp. No host sync: safe to capture in a
     CUDA graph as long as shapes and python arguments stay the same. ``new_kv`` (decode batches
-    only): (key [T, Hkv, D], value, slot_mapping [T]) of the new tokens, written into their slots
-    by the kernel before it reads them (one launch instead of `write_kv` and this; a negative slot
-    is padding), so context_lens then count them without their being in the cache yet.
+    only): (key [T, Hkv, D], value, slot_mapping [T]) of the new tokens, which the kernel attends
+    to from these inputs and stores into their slots (one launch instead of `write_kv` and this);
+    context_lens count them though they are not in the cache yet. A negative slot is a padding
+    row: nothing is stored and its output is unspecified.
     ``_config`` (dict of
     block_q, tile_n, num_warps, num_stages, k_rows, merge_here: False merges the splits in a
     separate kernel as before) is for benchmarks.

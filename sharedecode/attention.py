@@ -23,9 +23,10 @@ if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_
 
 ATTENTION_NAME = "sharedecode_paged"
 BACKENDS = ("torch", "triton")
-# True: a plain decode step's attention kernel writes the new K/V itself (one launch instead of two).
-# Off: on the H100 it measured no gain at batch 1 and 8 and 3.48 against 1.97 ms at batch 64 in one
-# run (bench/NOTES.md, item 27); tested and kept for the next measurement.
+# True: a plain decode step's attention kernel takes the new K/V from its inputs and stores them
+# itself (one launch instead of two). Off until measured: its first version (the store ahead of the
+# tile loop) gave no gain at batch 1 and 8 and 3.48 against 1.97 ms at batch 64 on the H100; this one
+# stores after the loop (bench/NOTES.md, item 27; `bench_e2e.py --kv-write-in-kernel` times it).
 WRITE_KV_IN_KERNEL = False
 
 
