@@ -21,9 +21,9 @@ head's keys tile by tile through the block table, so each KV tile is loaded once
 query block. Decode batches with few sequences use split-KV (flash-decoding): the key range of each
 query is cut into NUM_SPLITS pieces whose partial results are merged by log-sum-exp: by the last
 of a query's split programs to finish (a per-(token, KV head) arrival counter that the merging
-program resets), so a decode step is one launch instead of a kernel and a merge kernel. Nothing in the launch path reads device memory on the host, so the decode path can
-be captured in a CUDA graph (grid size comes from tensor shapes and the optional python-int hint
-``max_context_len``).
+program resets), so a decode step is one launch instead of a kernel and a merge kernel. Nothing
+in the launch path reads device memory on the host, so the decode path can be captured in a CUDA
+graph (grid size comes from tensor shapes and the optional python-int hint ``max_context_len``).
 """
 from __future__ import annotations
 
@@ -370,8 +370,10 @@ if HAS_TRITON:
             new_tok = (q_start + qb).to(tl.int64)
             last_tile = (kv_hi - 1) // TILE_N
             if (tile_lo <= last_tile) & (last_tile < tile_hi):
-                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask, other=0.0)
-                new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask, other=0.0)
+                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask,
+                                other=0.0)
+                new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask,
+                                other=0.0)
                 first = tl.arange(0, TILE_N) == 0
                 kt = tl.where(first[None, :], new_k[:, None], 0.0).to(new_k.dtype)  # [D, N]: key 0
                 vt = tl.where(first[:, None], new_v[None, :], 0.0).to(new_v.dtype)  # [N, D]
