@@ -131,6 +131,16 @@ def decode_steps(engine: Engine, batch: int, context: int, steps: int, bandwidth
     return row
 
 
+def set_folds(folds: tuple[bool, bool, bool]) -> tuple[bool, bool, bool]:
+    """Set (split merge in the attention kernel, split-K sum in the skinny GEMM, KV write in the
+    attention kernel) for the graphs captured next; returns the settings it replaced."""
+    previous = (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
+                attention_module.WRITE_KV_IN_KERNEL)
+    (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
+     attention_module.WRITE_KV_IN_KERNEL) = folds
+    return previous
+
+
 def replay_note(row: dict) -> str:
     return f", replay {row['replay_ms']:.3f} ms" if "replay_ms" in row else ""
 
@@ -363,31 +373,28 @@ def main():
             print(f"  {name} HF W-beam k=8 before any engine: {t_control:.3f}s {runs}", flush=True)
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
-        variants = []  # (name, compile, fused projections, skinny GEMM, folds: True, False or "write")
+        # (name, compile, fused projections, skinny GEMM, folds: None for the defaults, else
+        # (split merge in the attention kernel, split-K sum in the GEMM, KV write in the attention kernel))
+        variants = []
         if args.decode_variants:
-            variants += [("graphs", False, False, False, True), ("graphs+compile", True, False, False, True)]
+            variants += [("graphs", False, False, False, None), ("graphs+compile", True, False, False, None)]
         if args.ablate_skinny:
-            variants.append(("compile+fused, cuBLAS projections", True, True, False, True))
+            variants.append(("compile+fused, cuBLAS projections", True, True, False, None))
         if args.ablate_merge:
-            variants.append(("split merge and split-K sum as kernels of their own", True, True, True, False))
+            variants.append(("split merge and split-K sum as kernels of their own", True, True, True,
+                             (False, False, False)))
         if args.kv_write_in_kernel:
-            variants.append(("KV write in the attention kernel", True, True, True, "write"))
+            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
-            for variant, compile_step, fuse, skinny, merge_in_kernel in variants:
+            for variant, compile_step, fuse, skinny, folds in variants:
                 plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
                 if not fuse and plain.graphs is not None:
                     plain.graphs.fuser = None
                 elif plain.graphs is not None and plain.graphs.fuser is not None:
                     plain.graphs.fuser.skinny = skinny
                 rows = section.setdefault("decode_variants", {}).setdefault(variant, [])
-                folds = (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
-                         attention_module.WRITE_KV_IN_KERNEL)
-                attention_module.WRITE_KV_IN_KERNEL = merge_in_kernel == "write"
-                if not merge_in_kernel:  # (read when the graphs are captured)
-                    paged_attention_module.MERGE_SPLITS_IN_KERNEL = False
-                    skinny_matmul_module.SUM_SPLITS_IN_KERNEL = False
-                    attention_module.WRITE_KV_IN_KERNEL = False
+                defaults = set_folds(folds) if folds is not None else None  # (read at capture)
                 try:
                     for batch in (1, 8, 64):
                         row = decode_steps(plain, batch, prompt_len, 20 if not args.tiny else 3, bandwidth)
@@ -396,8 +403,8 @@ def main():
                               f"floor {row['floor_ms']:.3f} ms, x{row['ratio_to_floor']:.2f}"
                               f"{replay_note(row)}", flush=True)
                 finally:
-                    (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
-                     attention_module.WRITE_KV_IN_KERNEL) = folds
+                    if defaults is not None:
+                        set_folds(defaults)
                 del plain
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
