@@ -28,6 +28,7 @@ from bench.graph_timing import median_replay_us  # noqa: E402
 from sharedecode.kernels import paged_attention as paged_attention_module  # noqa: E402
 from sharedecode.kernels import skinny_matmul as skinny_matmul_module  # noqa: E402
 import sharedecode.attention as attention_module  # noqa: E402
+import sharedecode.sampling as sampling  # noqa: E402
 
 MODELS = {
     "M1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -196,7 +197,8 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
 
 
 def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
-                 ablate_shared_prefix=False, ablate_look_ahead=False, ablate_graph_copies=False):
+                 ablate_shared_prefix=False, ablate_look_ahead=False, ablate_graph_copies=False,
+                 ablate_fused_top_p=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -231,6 +233,14 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             launched_copies, _, _ = timed(run_ours, device, repeats)
         finally:
             del engine.graphs.takes_copies
+    sorted_top_p = None
+    params = getattr(ours, "params", None)
+    if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort
+        sampling.FUSED_TOP_P = False
+        try:
+            sorted_top_p, _, _ = timed(run_ours, device, repeats)
+        finally:
+            sampling.FUSED_TOP_P = True
     stats = (result[0] if isinstance(result, list) else result).stats
     new_tokens = hf_kwargs["max_new_tokens"]
     outputs = len(prompts) * hf_kwargs.get("num_return_sequences", 1) * new_tokens
@@ -245,6 +255,9 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         row["sharedecode_copies_launched_s"] = launched_copies
         print(f"  {name:28s} ours {t_ours:7.3f}s copies in the graph, {launched_copies:7.3f}s launched",
               flush=True)
+    if sorted_top_p is not None:
+        row["sharedecode_sorted_top_p_s"] = sorted_top_p
+        print(f"  {name:28s} ours {t_ours:7.3f}s fused top-p, {sorted_top_p:7.3f}s sorted", flush=True)
     if stepped is not None:
         row["sharedecode_no_look_ahead_s"] = stepped
         print(f"  {name:28s} ours {t_ours:7.3f}s with look-ahead, {stepped:7.3f}s without", flush=True)
@@ -315,6 +328,8 @@ def main():
                         help="also time the decode step captured without torch.compile / fused projections")
     parser.add_argument("--ablate-graph-copies", action="store_true",
                         help="also time each workload with copy-on-write copies launched before the replay")
+    parser.add_argument("--ablate-fused-top-p", action="store_true",
+                        help="also time each sampling workload with the torch ops' sort-based top-p")
     parser.add_argument("--ablate-merge", action="store_true",
                         help="also time the decode step with the split-KV merge, the split-K sum (and "
                              "the KV write, off by default) as kernels of their own")
@@ -464,7 +479,8 @@ def main():
                                                          and not args.skip_hf_batch,
                                                          ablate_shared_prefix=args.ablate_shared_prefix,
                                                          ablate_look_ahead=args.ablate_look_ahead,
-                                                         ablate_graph_copies=args.ablate_graph_copies))
+                                                         ablate_graph_copies=args.ablate_graph_copies,
+                                                         ablate_fused_top_p=args.ablate_fused_top_p))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
                 print(f"  {workload[0]} failed: {error!r}", flush=True)

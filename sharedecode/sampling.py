@@ -11,9 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sharedecode.kernels.fused_sampling import top_p_sample
+from sharedecode.kernels.paged_attention import HAS_TRITON, _interpreting
 from sharedecode.uploads import to_device
 
 NEG_INF = float("-inf")
+# The top-p cut and the draw as one Triton kernel on CUDA (kernels/fused_sampling.py) instead of a
+# sort and a dozen full-size torch ops; False: the torch ops everywhere (a benchmark's ablation).
+FUSED_TOP_P = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,25 @@ def process_for_sampling(scores: torch.Tensor, params: SamplingParams) -> torch.
     scores = apply_top_k(scores, params.top_k)
     scores = apply_top_p(scores, params.top_p)
     return apply_min_p(scores, params.min_p)
+
+
+def race(scores: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponential race: argmax(p / noise) with noise ~ Exp(1) draws from p = softmax(scores)
+    without a host sync. Returns each row's token and its log-probability."""
+    logprobs = torch.log_softmax(scores, dim=-1)
+    tokens = (logprobs.exp() / noise).argmax(dim=-1)
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+
+
+def draw_tokens(scores: torch.Tensor, noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's warpers (`process_for_sampling`), then one token per row drawn by `race` with `noise`.
+    On CUDA without min_p the top-p cut and the draw are one kernel (`top_p_sample`: the same cut
+    but for tokens within float32 rounding of it, see its module)."""
+    fused = FUSED_TOP_P and HAS_TRITON and params.min_p == 0.0 and (scores.is_cuda or _interpreting())
+    if not fused:
+        return race(process_for_sampling(scores, params), noise)
+    scores = apply_top_k(apply_temperature(scores, params.temperature), params.top_k)
+    return top_p_sample(scores.contiguous(), noise.contiguous(), params.top_p)
 
 
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
-from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, process_for_sampling
+from sharedecode.sampling import SamplingParams, apply_repetition_penalty, ban_tokens, draw_tokens
 from sharedecode.uploads import upload
 from sharedecode.scheduler import Branch, Request
 from sharedecode.strategies.base import Strategy, check_float, check_int
@@ -73,17 +73,13 @@ class SampleRequest(Request):
                 ban_tokens(scores, rule.eos_token_ids)
         if s.params.temperature == 0.0:
             tokens = scores.argmax(dim=-1)
-            logprobs = torch.log_softmax(scores, dim=-1)
+            chosen = torch.log_softmax(scores, dim=-1).gather(1, tokens[:, None])[:, 0]
         else:
-            scores = process_for_sampling(scores, s.params)
-            logprobs = torch.log_softmax(scores, dim=-1)
-            # The exponential race: argmax(p / E), E ~ Exp(1), draws from p without a host sync.
-            # Each request draws a row for every branch it started with from its own generator
-            # (seeded requests stay reproducible), so the draws do not depend on when a sequence
-            # stopped or was seen to stop (a step launched ahead still has its row).
+            # Each request draws a row of noise for every branch it started with from its own
+            # generator (seeded requests stay reproducible), so the draws do not depend on when a
+            # sequence stopped or was seen to stop (a step launched ahead still has its row).
             noise = torch.cat([r._noise(scores.shape[-1], scores.device) for r in requests])
-            tokens = (logprobs.exp() / noise).argmax(dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+            tokens, chosen = draw_tokens(scores, noise, s.params)
         pairs = torch.stack((tokens.double(), chosen.double()), dim=1)  # [rows, 2], exact in float64
         return pairs.reshape(-1), [2 * n for n in counts]
 
