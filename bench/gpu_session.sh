@@ -7,6 +7,8 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~7 min: M1 end to end, copies in the graph ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 3    # ~8 min: decode-step folds (twice), W-beam timeline,
 #                                               #   host hot spots, M2 W-beam-batch
+#   COMMIT=<sha> bash bench/gpu_session.sh 4    # ~6 min: fused top-p sampling (kernel tests on the
+#                                               #   GPU, kernel vs torch ops, W-sample end to end)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -26,7 +28,7 @@ case "${1:-1}" in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     run 200 check python bench/check_decode_gpu.py
     run 220 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_paged_attention.py \
-        tests/kernels/test_kv_cache_ops.py tests/kernels/test_skinny_matmul.py
+        tests/kernels/test_kv_cache_ops.py tests/kernels/test_skinny_matmul.py tests/kernels/test_fused_sampling.py
     ;;
 2)
     run 420 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-graph-copies \
@@ -42,8 +44,14 @@ case "${1:-1}" in
     run 150 e2e-M2 python bench/bench_e2e.py --models M2 --repeats 3 --skip-hf-batch --skip-decode \
         --only W-beam-batch --time-budget 120 --out "$OUT/e2e-M2-$COMMIT.json"
     ;;
+4)
+    run 100 sampling-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_fused_sampling.py
+    run 120 sampling python bench/bench_sampling.py --out "$OUT/sampling-$COMMIT.json"
+    run 240 e2e-sample python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only W-sample --ablate-fused-top-p --time-budget 200 --out "$OUT/e2e-M1-sample-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4" >&2
     exit 2
     ;;
 esac
