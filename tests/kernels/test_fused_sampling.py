@@ -43,15 +43,16 @@ def test_cut_is_hf_cut(device, top_p):
     removed = cumulative <= (1 - top_p)
     cut = removed.sum(-1)  # ascending position of the smallest kept token
     rows = torch.arange(n, device=device)
-    margin = (cumulative[rows, cut] - (1 - top_p)).abs().min()
-    assert margin > 1e-5  # (a cut within rounding could go either way)
+    # rows whose cut lies within rounding of 1 - top_p could go either way: checked elsewhere
+    clear = (cumulative[rows, cut] - (1 - top_p)).abs() > 1e-5
+    assert clear.sum() >= n // 2
     for position in (cut - 1, cut):  # largest removed, smallest kept
         noise = torch.empty_like(scores).exponential_()
         token = order[rows, position]
         noise[rows, token] = 1e-30
         tokens, _ = top_p_sample(scores, noise, top_p, block=128)
-        assert torch.equal(tokens.cpu(), reference(scores, noise, top_p)[0].cpu())
-        assert torch.equal(tokens == token, position == cut)
+        assert torch.equal(tokens[clear].cpu(), reference(scores, noise, top_p)[0][clear].cpu())
+        assert torch.equal((tokens == token)[clear], (position == cut)[clear])
 
 
 def test_rejects_bad_input(device):
