@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharedecode import BeamSearch, Engine, Greedy, ParallelSampling  # noqa: E402
 from bench.graph_timing import median_replay_us  # noqa: E402
 from sharedecode.kernels import paged_attention as paged_attention_module  # noqa: E402
+from sharedecode.kernels import pdl as pdl_module  # noqa: E402
 from sharedecode.kernels import skinny_matmul as skinny_matmul_module  # noqa: E402
 import sharedecode.attention as attention_module  # noqa: E402
 import sharedecode.sampling as sampling  # noqa: E402
@@ -132,13 +133,14 @@ def decode_steps(engine: Engine, batch: int, context: int, steps: int, bandwidth
     return row
 
 
-def set_folds(folds: tuple[bool, bool, bool]) -> tuple[bool, bool, bool]:
+def set_folds(folds: tuple[bool, bool, bool, bool]) -> tuple[bool, bool, bool, bool]:
     """Set (split merge in the attention kernel, split-K sum in the skinny GEMM, KV write in the
-    attention kernel) for the graphs captured next; returns the settings it replaced."""
+    attention kernel, programmatic dependent launch) for the graphs captured next; returns the
+    settings it replaced."""
     previous = (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
-                attention_module.WRITE_KV_IN_KERNEL)
+                attention_module.WRITE_KV_IN_KERNEL, pdl_module.ENABLED)
     (paged_attention_module.MERGE_SPLITS_IN_KERNEL, skinny_matmul_module.SUM_SPLITS_IN_KERNEL,
-     attention_module.WRITE_KV_IN_KERNEL) = folds
+     attention_module.WRITE_KV_IN_KERNEL, pdl_module.ENABLED) = folds
     return previous
 
 
@@ -335,6 +337,8 @@ def main():
                              "the KV write, off by default) as kernels of their own")
     parser.add_argument("--kv-write-in-kernel", action="store_true",
                         help="also time the decode step with the KV write folded into the attention kernel")
+    parser.add_argument("--ablate-pdl", action="store_true",
+                        help="also time the decode step with plain launches (no programmatic dependent launch)")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -389,7 +393,8 @@ def main():
         section["compile"] = not args.no_compile
         section["shared_prefix_decode"] = True
         # (name, compile, fused projections, skinny GEMM, folds: None for the defaults, else
-        # (split merge in the attention kernel, split-K sum in the GEMM, KV write in the attention kernel))
+        # (split merge in the attention kernel, split-K sum in the GEMM, KV write in the attention
+        # kernel, programmatic dependent launch))
         variants = []
         if args.decode_variants:
             variants += [("graphs", False, False, False, None), ("graphs+compile", True, False, False, None)]
@@ -397,9 +402,11 @@ def main():
             variants.append(("compile+fused, cuBLAS projections", True, True, False, None))
         if args.ablate_merge:
             variants.append(("split merge and split-K sum as kernels of their own", True, True, True,
-                             (False, False, False)))
+                             (False, False, False, True)))
         if args.kv_write_in_kernel:
-            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True)))
+            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True, True)))
+        if args.ablate_pdl:
+            variants.append(("plain launches (no PDL)", True, True, True, (True, True, False, False)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, folds in variants:

@@ -54,45 +54,62 @@ def _check(scores: torch.Tensor, noise: torch.Tensor, top_p: float) -> None:
 if HAS_TRITON:
 
     @triton.jit
+    def _mass_at_most(t, p_row, V, RESIDENT: tl.constexpr, p, BLOCK: tl.constexpr):
+        """Sum of the row's probabilities <= t: from registers (`p`, the whole row) or from the
+        scratch row `p_row` chunk by chunk."""
+        if RESIDENT:
+            return tl.sum(tl.where(p <= t, p, 0.0), 0)
+        offs = tl.arange(0, BLOCK)
+        below = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            chunk = tl.load(p_row + start + offs, mask=start + offs < V, other=0.0)
+            below += tl.where(chunk <= t, chunk, 0.0)
+        return tl.sum(below, 0)
+
+    @triton.jit
     def _top_p_sample_kernel(S, NOISE, P, TOKENS, LOGPROBS, V, stride_s, stride_n, stride_p, cut,
                              DO_CUT: tl.constexpr, STEPS: tl.constexpr, ONE: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             RESIDENT: tl.constexpr, BLOCK: tl.constexpr, ROW: tl.constexpr):
+        """One row per program. RESIDENT: the row fits one [ROW] tile, whose probabilities stay
+        in registers through the search; else they go to the scratch row P (read from L2 by
+        each of the search's passes). The last pass recomputes them (the same exp) in chunks."""
         row = tl.program_id(0).to(tl.int64)
         s_row = S + row * stride_s
         n_row = NOISE + row * stride_n
         p_row = P + row * stride_p
         offs = tl.arange(0, BLOCK)
 
-        top = tl.full([BLOCK], float("-inf"), tl.float32)
-        for start in range(0, V, BLOCK):
-            x = tl.load(s_row + start + offs, mask=start + offs < V, other=float("-inf"))
-            top = tl.maximum(top, x)
-        m = tl.max(top, 0)
-
-        # p = exp(x - max) in (0, 1], 1 at the max; stored for the search's passes
-        z_part = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            valid = start + offs < V
-            p = tl.exp(tl.load(s_row + start + offs, mask=valid, other=float("-inf")) - m)
-            tl.store(p_row + start + offs, p, mask=valid)
-            z_part += p
-        total = tl.sum(z_part, 0)
+        if RESIDENT:  # p = exp(x - max): in (0, 1], exactly 1 at the max
+            whole = tl.arange(0, ROW)
+            x = tl.load(s_row + whole, mask=whole < V, other=float("-inf"))
+            m = tl.max(x, 0)
+            p = tl.exp(x - m)
+            total = tl.sum(p, 0)
+        else:
+            top = tl.full([BLOCK], float("-inf"), tl.float32)
+            for start in range(0, V, BLOCK):
+                x = tl.load(s_row + start + offs, mask=start + offs < V, other=float("-inf"))
+                top = tl.maximum(top, x)
+            m = tl.max(top, 0)
+            z_part = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                valid = start + offs < V
+                chunk = tl.exp(tl.load(s_row + start + offs, mask=valid, other=float("-inf")) - m)
+                tl.store(p_row + start + offs, chunk, mask=valid)
+                z_part += chunk
+            total = tl.sum(z_part, 0)
+            p = tl.zeros([ROW], tl.float32)  # (unused: the search reads the scratch row)
 
         threshold = 0.0  # keep every token (top_p = 1)
         if DO_CUT:
-            # smallest probability bits b with mass(p <= float(b)) > cut * total; b = ONE has the
-            # whole mass, so the search always ends on a probability a token holds
+            # the smallest probability bits b with mass(p <= float(b)) > cut x total; b = ONE
+            # holds the whole mass, so the search always ends on a probability a token holds
             limit = cut * total
             lo = 0
             hi = ONE
             for _ in range(STEPS):
                 mid = (lo + hi) // 2
-                t = mid.to(tl.float32, bitcast=True)
-                below = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, V, BLOCK):
-                    p = tl.load(p_row + start + offs, mask=start + offs < V, other=0.0)
-                    below += tl.where(p <= t, p, 0.0)
-                above = tl.sum(below, 0) > limit
+                above = _mass_at_most(mid.to(tl.float32, bitcast=True), p_row, V, RESIDENT, p, BLOCK) > limit
                 hi = tl.where(above, mid, hi)
                 lo = tl.where(above, lo, mid + 1)
             threshold = hi.to(tl.float32, bitcast=True)
@@ -103,28 +120,33 @@ if HAS_TRITON:
         best_at = tl.zeros([BLOCK], tl.int32)
         for start in range(0, V, BLOCK):
             valid = start + offs < V
-            p = tl.load(p_row + start + offs, mask=valid, other=0.0)
-            kept = valid & (p >= threshold)
-            p = tl.where(kept, p, 0.0)
-            kept_part += p
+            q = tl.exp(tl.load(s_row + start + offs, mask=valid, other=float("-inf")) - m)
+            kept = valid & (q >= threshold)
+            q = tl.where(kept, q, 0.0)
+            kept_part += q
             e = tl.load(n_row + start + offs, mask=valid, other=1.0)
-            race = tl.where(kept, p / e, -1.0)
+            race = tl.where(kept, q / e, -1.0)
             better = race > best
             best = tl.where(better, race, best)
             best_at = tl.where(better, start + offs, best_at)
         winner = tl.max(best, 0)
         token = tl.min(tl.where(best == winner, best_at, V), 0)
-        x = tl.load(s_row + token)
+        x_token = tl.load(s_row + token)
         tl.store(TOKENS + row, token.to(tl.int64))
-        tl.store(LOGPROBS + row, x - m - tl.log(tl.sum(kept_part, 0)))
+        tl.store(LOGPROBS + row, x_token - m - tl.log(tl.sum(kept_part, 0)))
 
 
-def top_p_sample(scores: torch.Tensor, noise: torch.Tensor, top_p: float,
-                 block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring. One program per row; no host sync (CUDA-graph safe)."""
+RESIDENT_MAX = 32768  # a row of up to this many probabilities stays in registers (16 warps: 64 each)
+
+
+def top_p_sample(scores: torch.Tensor, noise: torch.Tensor, top_p: float, *, block: int = 2048,
+                 resident: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. One program per row; no host sync (CUDA-graph safe). `block`:
+    the chunk of a pass over a row (a power of two); `resident`: keep the row's probabilities in
+    registers through the search (default: rows of up to RESIDENT_MAX tokens)."""
     _check(scores, noise, top_p)
     if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use top_p_sample_torch")
+        raise RuntimeError("triton is not installed; use sharedecode.sampling.draw_tokens")
     if scores.stride(1) != 1 or noise.stride(1) != 1:
         raise ValueError("scores and noise must be contiguous along V")
     n, v = scores.shape
@@ -132,8 +154,11 @@ def top_p_sample(scores: torch.Tensor, noise: torch.Tensor, top_p: float,
     logprobs = torch.empty(n, dtype=torch.float32, device=scores.device)
     if n == 0:
         return tokens, logprobs
-    probs = torch.empty_like(scores)
+    resident = v <= RESIDENT_MAX if resident is None else resident
+    row = max(16, 1 << (v - 1).bit_length())
+    probs = scores if resident else torch.empty_like(scores)  # (scratch unused when resident)
     _top_p_sample_kernel[(n,)](
         scores, noise, probs, tokens, logprobs, v, scores.stride(0), noise.stride(0), probs.stride(0),
-        1.0 - top_p, DO_CUT=top_p < 1.0, STEPS=SEARCH_STEPS, ONE=ONE_BITS, BLOCK=block, num_warps=8)
+        1.0 - top_p, DO_CUT=top_p < 1.0, STEPS=SEARCH_STEPS, ONE=ONE_BITS, RESIDENT=resident,
+        BLOCK=min(block, row), ROW=row if resident else 16, num_warps=16 if row >= 8192 else 4)
     return tokens, logprobs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pdl
 from .paged_attention import HAS_TRITON, _INDEX_DTYPES, _next_pow2
 
 if HAS_TRITON:
@@ -64,7 +65,9 @@ if HAS_TRITON:
     def _write_kv_kernel(K, V, KC, VC, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_cb, stride_ct, stride_ch, stride_vcb, stride_vct, stride_vch,
                          H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                         BS: tl.constexpr):
+                         BS: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # (see pdl.py) the keys and values are the previous kernel's output
+            tl.extra.cuda.gdc_wait()
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(SLOTS + t).to(tl.int64)
         if slot < 0:
@@ -109,11 +112,12 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
     t, h, d = key.shape
     if t == 0:
         return
+    use_pdl = pdl.applies(key.device)
     _write_kv_kernel[(t,)](
         key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), H=h, H_PAD=_next_pow2(h), D=d, D_PAD=_next_pow2(d),
-        BS=k_cache.shape[1], num_warps=4)
+        BS=k_cache.shape[1], PDL=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
 
 
 def _check_copy(kv_pool, src, dst):

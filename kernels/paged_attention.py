@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from . import pdl
+
 try:  # Triton is optional: the torch reference is the CPU backend.
     import triton
     import triton.language as tl
@@ -304,8 +306,10 @@ if HAS_TRITON:
         NUM_SPLITS: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
         K_ROWS: tl.constexpr, MERGE_HERE: tl.constexpr, NS_PAD: tl.constexpr,
-        WRITE_KV: tl.constexpr,
+        WRITE_KV: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # (see pdl.py) everything here may be the previous kernel's output
+            tl.extra.cuda.gdc_wait()
         pid_q = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -390,6 +394,8 @@ if HAS_TRITON:
                     new_at = (new_slot // BS) * stride_vb + (new_slot % BS) * stride_vt + kvh * stride_vh
                     tl.store(V + new_at + offs_d, new_v, mask=d_mask)
 
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         o = acc / l_safe[:, None]
@@ -567,6 +573,7 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         raise ValueError("new_kv needs a decode batch (T == S) without kv_start")
     new_k, new_v, slots = new_kv if new_kv is not None else (query, query, context_lens)
     grid = (n_qblocks, hkv, num_splits)
+    use_pdl = pdl.applies(query.device)
     _paged_attn_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         kv_start if kv_start is not None else context_lens, out, pacc, plse, arrivals,
@@ -582,8 +589,8 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         TILE_N=tile_n, NUM_SPLITS=num_splits, HAS_KV_START=kv_start is not None,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, PREC=prec,
         DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, MERGE_HERE=merge_here,
-        NS_PAD=max(2, _next_pow2(num_splits)), WRITE_KV=new_kv is not None, num_warps=num_warps,
-        **extra)
+        NS_PAD=max(2, _next_pow2(num_splits)), WRITE_KV=new_kv is not None, PDL=use_pdl,
+        num_warps=num_warps, **extra, **pdl.launch_options(use_pdl))
 
 
 def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from . import pdl
 from .paged_attention import (
     HAS_TRITON, _KERNEL_DTYPES, _check_cache_strides, _check_common, _check_out, _check_triton,
     _dot_f32, _next_pow2, _num_sms, choose_num_splits,
@@ -320,12 +321,14 @@ if HAS_TRITON:
         PREFIX_M: tl.constexpr, PREFIX_TILE: tl.constexpr, ROW_TILES: tl.constexpr,
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
         (long, so they start first), the rest to each sequence's own keys. ROLE 1 / 2: prefix /
         own keys only (two launches, each compiled with its own registers and warps)."""
+        if PDL:  # (see pdl.py) everything here may be the previous kernel's output
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         if ROLE == 0:
             is_prefix = pid < num_prefix_programs
@@ -454,7 +457,9 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         PREFIX_SPLITS=c["prefix_splits"], SUFFIX_M=c["suffix_m"], SUFFIX_TILE=c["suffix_tile"],
         SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None,
-        PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype))
+        PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
+        PDL=pdl.applies(query.device))
+    meta.update(pdl.launch_options(meta["PDL"]))
     if c["num_stages"] is not None:
         meta["num_stages"] = c["num_stages"]
     if c["separate"]:

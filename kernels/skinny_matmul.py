@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from . import pdl
 from .paged_attention import HAS_TRITON, _dot_f32, _interpreting, _next_pow2, _num_sms, arrival_counters
 
 if HAS_TRITON:
@@ -157,13 +158,33 @@ def skinny_linear_torch(x: torch.Tensor, weight: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
+    @triton.jit
+    def _load_w(w_ptrs, offs_k, K, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(w_ptrs)
+        return tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
+
+    @triton.jit
+    def _load_x(x_ptrs, offs_k, m_mask, K, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(x_ptrs, mask=m_mask, other=0.0)
+        return tl.load(x_ptrs, mask=m_mask & (offs_k[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _tile_dot(acc, x, w, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+        if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        return tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+
     # M only enters masks: not specialising on it (M == 1 would be) saves a compile per M.
     @triton.jit(do_not_specialize=["M"])
     def _skinny_kernel(X, W, BIAS, Y, P, ARRIVALS, M, N, K, k_per_split, k_iters,
                        stride_xm, stride_xk, stride_wn, stride_b, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                       PREC: tl.constexpr, DOT_F32: tl.constexpr, SUM_HERE: tl.constexpr):
+                       PREC: tl.constexpr, DOT_F32: tl.constexpr, SUM_HERE: tl.constexpr,
+                       PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -176,21 +197,23 @@ if HAS_TRITON:
         w_ptrs = W + rows[:, None] * stride_wn + offs_k[None, :]
         m_mask = offs_m[:, None] < M          # padded rows of x read as 0 (no memory traffic)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, k_iters):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = offs_k[None, :] < K
-                x = tl.load(x_ptrs, mask=m_mask & k_mask, other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
-                offs_k += BLOCK_K
-            if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        first = 0
+        if PDL:  # W is a constant: its first tile loads while the kernel before finishes
+            w = _load_w(w_ptrs, offs_k, K, EVEN_K)
+            tl.extra.cuda.gdc_wait()  # x (and Y, P, ARRIVALS) only after the previous kernel
+            acc = _tile_dot(acc, _load_x(x_ptrs, offs_k, m_mask, K, EVEN_K), w, PREC, DOT_F32)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K
+            offs_k += BLOCK_K
+            first = 1
+        for _ in range(first, k_iters):
+            w = _load_w(w_ptrs, offs_k, K, EVEN_K)
+            acc = _tile_dot(acc, _load_x(x_ptrs, offs_k, m_mask, K, EVEN_K), w, PREC, DOT_F32)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K
+            offs_k += BLOCK_K
+        if PDL:  # the next kernel may launch now; it waits for this one to finish before reading
+            tl.extra.cuda.gdc_launch_dependents()
         n_mask = offs_n[None, :] < N
         if PARTIAL:  # fp32 partial sums of this K slice: P [SPLIT_K, M, N]
             p_ptrs = P + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -297,6 +320,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     scratch = _alloc((splits, M, N), torch.float32, x.device) if partial else y
     b = bias if bias is not None else y  # placeholder pointer when there is no bias
     column_blocks = -(-N // config.block_n)
+    use_pdl = pdl.applies(x.device)
     arrivals = arrival_counters(column_blocks, x.device) if sum_here else y
     _skinny_kernel[(column_blocks, splits)](
         x, weight, b, y, scratch, arrivals, M, N, K, k_per_split, k_per_split // config.block_k,
@@ -304,7 +328,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PARTIAL=partial,
         HAS_BIAS=bias is not None, EVEN_K=splits * k_per_split == K,
         PREC="ieee" if x.dtype == torch.float32 else None, DOT_F32=_dot_f32(x.dtype),
-        SUM_HERE=sum_here, num_warps=config.num_warps, num_stages=config.num_stages)
+        SUM_HERE=sum_here, PDL=use_pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch_options(use_pdl))
     if partial and not sum_here:
         _split_k_reduce_kernel[(M, -(-N // _REDUCE_BLOCK))](
             scratch, b, y, M, N, b.stride(0), y.stride(0), SPLIT_K=splits,

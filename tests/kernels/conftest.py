@@ -23,3 +23,20 @@ def device():
 def _seed(request):
     # a fresh but reproducible draw per test
     torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+@pytest.fixture
+def pdl_path(monkeypatch, device):
+    """Run the kernels' programmatic-dependent-launch code path (its early loads of constants).
+    The interpreter has no grid-dependency ops: there they are no-ops (a kernel runs alone
+    anyway); on a GPU (SHAREDECODE_TEST_CUDA=1) the real launch with PDL is used."""
+    import triton.language as tl
+
+    from sharedecode.kernels import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    if device.type != "cuda":
+        monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
+        monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
+        monkeypatch.setattr(pdl, "applies", lambda device: True)
+        monkeypatch.setattr(pdl, "launch_options", lambda on: {})

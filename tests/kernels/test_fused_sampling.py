@@ -22,10 +22,11 @@ def make_scores(n, v, device, spread=2.0, banned=(3,)):
 
 @pytest.mark.parametrize("n,v,block", [(4, 300, 64), (3, 1000, 1024), (2, 2048, 256), (1, 5, 64)])
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 1.0])
-def test_matches_torch_path(device, n, v, block, top_p):
+@pytest.mark.parametrize("resident", [True, False])
+def test_matches_torch_path(device, n, v, block, top_p, resident):
     scores = make_scores(n, v, device)
     noise = torch.empty_like(scores).exponential_()
-    tokens, logprobs = top_p_sample(scores, noise, top_p, block=block)
+    tokens, logprobs = top_p_sample(scores, noise, top_p, block=block, resident=resident)
     ref_tokens, ref_logprobs = reference(scores, noise, top_p)
     assert torch.equal(tokens.cpu(), ref_tokens.cpu())
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
@@ -33,7 +34,8 @@ def test_matches_torch_path(device, n, v, block, top_p):
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95])
-def test_cut_is_hf_cut(device, top_p):
+@pytest.mark.parametrize("resident", [True, False])
+def test_cut_is_hf_cut(device, top_p, resident):
     """Tiny noise on the largest removed token and on the smallest kept one: the race picks a
     token whenever it is kept, so the pick shows which side of the cut it is on."""
     n, v = 6, 700
@@ -50,7 +52,7 @@ def test_cut_is_hf_cut(device, top_p):
         noise = torch.empty_like(scores).exponential_()
         token = order[rows, position]
         noise[rows, token] = 1e-30
-        tokens, _ = top_p_sample(scores, noise, top_p, block=128)
+        tokens, _ = top_p_sample(scores, noise, top_p, block=128, resident=resident)
         assert torch.equal(tokens[clear].cpu(), reference(scores, noise, top_p)[0][clear].cpu())
         assert torch.equal((tokens == token)[clear], (position == cut)[clear])
 

@@ -99,3 +99,14 @@ def test_kv_ops_validation(device):
         with pytest.raises(ValueError, match="src and dst"):
             fn(torch.zeros(1, 2, 4, 8, 2, 32, device=device), torch.zeros(2, dtype=torch.long, device=device),
                torch.zeros(1, dtype=torch.long, device=device))
+
+
+def test_write_kv_with_pdl(pdl_path, device):
+    kc = torch.randn(6, 8, 2, 64, device=device)
+    vc = torch.randn_like(kc)
+    key, value = torch.randn(5, 2, 64, device=device), torch.randn(5, 2, 64, device=device)
+    slots = torch.tensor([3, -1, 17, 40, 8], device=device)
+    a, b, a2, b2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    write_kv(key, value, a, b, slots)
+    write_kv_torch(key, value, a2, b2, slots)
+    assert torch.equal(a, a2) and torch.equal(b, b2)

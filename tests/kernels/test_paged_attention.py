@@ -231,3 +231,15 @@ def test_decode_cuda_graph():
     torch.cuda.synchronize()
     ref = naive_attention(*[x.cpu() for x in case], scale=0.088)
     assert rel_err(out.cpu(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_pdl_launch(pdl_path, num_splits, device):
+    """With programmatic dependent launch (waits for the previous kernel first, lets the next
+    launch after the tile loop) the kernel computes the same: decode with and without the folded
+    merge, and a prefill batch."""
+    for mode in ("decode", "mixed"):
+        case = make_case(MODES[mode], 8, 2, 64, 16, torch.float32, device)
+        ref = naive_attention(*[x.cpu() for x in case], scale=0.125)
+        out = _run(paged_attention, case, scale=0.125, num_splits=num_splits if mode == "decode" else None)
+        assert rel_err(out.cpu(), ref) < TOL[torch.float32]

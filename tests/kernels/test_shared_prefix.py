@@ -233,3 +233,12 @@ def test_shared_prefix_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out.cpu(), _reference(q, k, v, bt, ctx, 0.088)) < TOL[torch.bfloat16]
+
+
+def test_cascade_with_pdl(pdl_path, device):
+    (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=8, hkv=2, d=64)
+    ref = _reference(q, k, v, bt, ctx, 0.2)
+    for cfg in (None, {"separate": True}):
+        out = torch.full_like(q, float("nan"))
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.2, out=out, prefix_splits=2, _config=cfg)
+        assert rel_err(out.cpu(), ref) < 1e-4
