@@ -337,8 +337,8 @@ def main():
                              "the KV write, off by default) as kernels of their own")
     parser.add_argument("--kv-write-in-kernel", action="store_true",
                         help="also time the decode step with the KV write folded into the attention kernel")
-    parser.add_argument("--ablate-pdl", action="store_true",
-                        help="also time the decode step with plain launches (no programmatic dependent launch)")
+    parser.add_argument("--pdl", action="store_true",
+                        help="also time the decode step with programmatic dependent launch (off by default)")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -402,11 +402,11 @@ def main():
             variants.append(("compile+fused, cuBLAS projections", True, True, False, None))
         if args.ablate_merge:
             variants.append(("split merge and split-K sum as kernels of their own", True, True, True,
-                             (False, False, False, True)))
+                             (False, False, False, False)))
         if args.kv_write_in_kernel:
-            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True, True)))
-        if args.ablate_pdl:
-            variants.append(("plain launches (no PDL)", True, True, True, (True, True, False, False)))
+            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True, False)))
+        if args.pdl:
+            variants.append(("programmatic dependent launch", True, True, True, (True, True, False, True)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, folds in variants:

@@ -6,6 +6,8 @@ programs load what does not depend on that kernel (weights, constants) and then 
 program has done its main work it may let the next kernel launch (`gdc_launch_dependents()`): that
 kernel waits for this one in the same way. A decode step of a small model is ~150 short kernels,
 each paying a launch and a ramp-up; PDL overlaps those with the tail of the kernel before.
+Measured slower on the GPU, so off by default (see ENABLED); the kernels keep the code path,
+tested through the interpreter and on the GPU, for the next attempt.
 
     on = pdl.applies(device)            # the kernel's PDL constexpr
     kernel[grid](..., PDL=on, **pdl.launch_options(on))
@@ -17,7 +19,9 @@ import os
 
 import torch
 
-ENABLED = True  # False: plain launches everywhere (a benchmark's ablation)
+# Off: on an H200 the captured M1 decode step replayed in 1.089 / 1.191 / 1.479 ms at batch 1 / 8 /
+# 64 with it against 1.039 / 1.154 / 1.480 without (bench/NOTES.md, item 29).
+ENABLED = False
 
 
 @functools.lru_cache(maxsize=None)
