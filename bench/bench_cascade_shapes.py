@@ -55,9 +55,8 @@ SHAPES = [
 ]
 
 
-def v(ps=None, ss=None, **cfg):
-    """A variant: prefix splits, own-key splits (None: as the engine picks them) and _config."""
-    return {"prefix_splits": ps, "suffix_splits": ss, "_config": cfg or None}
+def v(ps=None, **cfg):
+    return {"prefix_splits": ps, "_config": cfg or None}
 
 
 VARIANTS = {
@@ -79,15 +78,6 @@ VARIANTS = {
     "ns2": v(num_stages=2),
     "ns4": v(num_stages=4),
     "separate_ps2": v(2, separate=True),
-    # own keys: one program per sequence for all KV heads (suffix_all_heads)
-    "allheads": v(suffix_all_heads=True),
-    "allheads_ss1": v(ss=1, suffix_all_heads=True),
-    "allheads_ss2": v(ss=2, suffix_all_heads=True),
-    "allheads_ss4": v(ss=4, suffix_all_heads=True),
-    "allheads_ss8": v(ss=8, suffix_all_heads=True),
-    "allheads_ns2": v(num_stages=2, suffix_all_heads=True),
-    "allheads_ns4": v(num_stages=4, suffix_all_heads=True),
-    "allheads_ps2": v(2, suffix_all_heads=True),
 }
 
 
@@ -125,7 +115,7 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_shape(shape: Shape, names: list[str] | None = None) -> dict:
+def run_shape(shape: Shape) -> dict:
     gen = torch.Generator().manual_seed(0)
     block_tables, context_lens, num_blocks = build(shape, gen)
     n = block_tables.shape[0]
@@ -137,7 +127,7 @@ def run_shape(shape: Shape, names: list[str] | None = None) -> dict:
     groups = find_prefix_groups(block_tables, context_lens, BS)
     # as the engine's graphs launch it: split counts from the shapes alone
     groups = dataclasses.replace(groups, max_prefix_len=None, max_suffix_len=None)
-    splits = choose_num_splits(n, shape.hkv, DEV)  # plain decode's, and the per-head own keys'
+    splits = choose_num_splits(n, shape.hkv, DEV)
     outs = [torch.empty_like(q) for _ in range(LAYERS)]
     kv_bytes = (shape.groups * shape.prefix + n * shape.own) * shape.hkv * shape.d * 2 * 2
     row = {"shape": dataclasses.asdict(shape), "distinct_kv_bytes_per_call": kv_bytes, "variants": {}}
@@ -147,15 +137,10 @@ def run_shape(shape: Shape, names: list[str] | None = None) -> dict:
                                        out=outs[i], num_splits=splits)
 
     def cascade(i, kw):
-        kw = dict(kw)
-        ss = kw.pop("suffix_splits")
-        if ss is None:  # as the engine picks them (all heads: one program per sequence and split)
-            ss = choose_num_splits(n, 1, DEV) if (kw["_config"] or {}).get("suffix_all_heads") else splits
         return lambda: shared_prefix_decode(q, k[i], vv[i], block_tables, context_lens, scale=scale,
-                                            groups=groups, out=outs[i], suffix_splits=ss, **kw)
+                                            groups=groups, out=outs[i], suffix_splits=splits, **kw)
 
-    candidates = {"plain": plain} | {name: (lambda i, kw=kw: cascade(i, kw)) for name, kw in VARIANTS.items()
-                                     if names is None or name in names}
+    candidates = {"plain": plain} | {name: (lambda i, kw=kw: cascade(i, kw)) for name, kw in VARIANTS.items()}
     for name, make in candidates.items():
         r = row["variants"][name] = {}
         try:
@@ -185,7 +170,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="cascade_shapes.json")
     parser.add_argument("--only", default=None, help="shape names, comma-separated")
-    parser.add_argument("--variants", default=None, help="variant names, comma-separated (plain always runs)")
     args = parser.parse_args()
     import triton
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -193,7 +177,7 @@ def main() -> None:
     for shape in SHAPES:
         if args.only and shape.name not in args.only.split(","):
             continue
-        report["shapes"].append(run_shape(shape, args.variants.split(",") if args.variants else None))
+        report["shapes"].append(run_shape(shape))
         Path(args.out).write_text(json.dumps(report, indent=1))
     print("\n| shape | plain us | default us | best | best us | best vs default |")
     for row in report["shapes"]:

@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_attention import _attend_tiles, _merge_partials, _online_softmax_step, _scaled_scores
+    from .paged_attention import _attend_tiles, _merge_partials
 
 __all__ = ["PrefixGroups", "GroupLayout", "find_prefix_groups", "group_shared_prefixes",
            "layout_groups", "prefix_groups_to_device", "shared_prefix_decode",
@@ -311,65 +311,6 @@ if HAS_TRITON:
             BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
-    def _suffix_all_heads(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
-                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
-                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
-                          HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                          BS: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
-                          SPLIT_OFFSET: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                          HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
-        """Work item w = seq * SPLITS + split: every query head of one sequence against one split
-        of its own keys, a KV block per tile. A block's keys of all KV heads are one contiguous
-        [BS * HKV, D] load (key row j: token j // HKV, KV head j % HKV), scored against all query
-        rows at once; each row keeps only its own KV head's scores. Against one program per KV
-        head this reads the same bytes in HKV-times longer, contiguous loads from a program that
-        pays its start-up (context length, query, block table) once, for sequences whose own
-        keys are few. (A sliding window only moves kv_lo: the query is the last position.)"""
-        split = w % SPLITS
-        seq = (w // SPLITS).to(tl.int64)
-        ctx = tl.load(CTX + seq)
-        kv_lo = tl.load(SEQ_PLEN + seq)
-        if HAS_WINDOW:
-            kv_lo = tl.maximum(kv_lo, ctx - window)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < D
-        row_valid = offs_m < HKV * G
-        q = tl.load(Q + seq * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        offs_j = tl.arange(0, BS * HKV)
-        key_tok = offs_j // HKV
-        key_head = offs_j % HKV
-        own_head = (offs_m // G)[:, None] == key_head[None, :]
-        k_rows = K + key_tok * stride_kt + key_head * stride_kh
-        v_rows = V + key_tok * stride_vt + key_head * stride_vh
-        bt_row = BT + seq * stride_bt
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        tile_lo, tile_hi = _split_range(kv_lo, ctx, split, BS, SPLITS)
-        for t in range(tile_lo, tile_hi):
-            blk = tl.load(bt_row + t).to(tl.int64)
-            kpos = t * BS + key_tok
-            kmask = (kpos >= kv_lo) & (kpos < ctx)
-            k = tl.load(k_rows[:, None] + blk * stride_kb + offs_d[None, :],
-                        mask=kmask[:, None] & d_mask[None, :], other=0.0)
-            v = tl.load(v_rows[:, None] + blk * stride_vb + offs_d[None, :],
-                        mask=kmask[:, None] & d_mask[None, :], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _scaled_scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, softcap,
-                               HAS_SOFTCAP)
-            s = tl.where(own_head & kmask[None, :], s, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, PREC)
-        _store_partial(acc, m_i, l_i, PACC, PLSE,
-                       seq * stride_pt + offs_m * stride_ph + (SPLIT_OFFSET + split) * D_PAD,
-                       row_valid, D, D_PAD)
-
-    @triton.jit
     def _cascade_kernel(
         Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE,
         num_prefix_programs, qk_scale, softcap, window,
@@ -381,7 +322,6 @@ if HAS_TRITON:
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        SUFFIX_ALL_HEADS: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
@@ -400,12 +340,6 @@ if HAS_TRITON:
                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
                          PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
-        elif SUFFIX_ALL_HEADS:
-            _suffix_all_heads(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
-                              qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
-                              stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
-                              stride_ph, HKV, G, D, D_PAD, BS, SUFFIX_M, SUFFIX_SPLITS,
-                              PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
         else:
             _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
@@ -449,20 +383,16 @@ def _check_decode(query, block_tables):
 
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "suffix_all_heads"}
-SUFFIX_ALL_HEADS = False  # own keys: one program per sequence for all KV heads (see _suffix_all_heads)
-_ALL_HEADS_MAX_KEY_ROWS = 256  # block_size x KV heads of one tile
-_ALL_HEADS_MAX_ROWS = 64  # query heads
+                "suffix_warps"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
                    dtype: torch.dtype, device: torch.device, prefix_splits, suffix_splits,
-                   cfg: dict | None, block_size: int = 16, hq: int | None = None) -> dict:
+                   cfg: dict | None) -> dict:
     """Tile sizes and split counts of one cascade launch; ``cfg`` overrides the defaults, for
     benchmarks: prefix_m (rows per prefix program), prefix_tile / suffix_tile (keys per tile),
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
-    suffix_warps warps), suffix_all_heads (own keys: one program per sequence and split for all
-    KV heads; where a tile of block_size x KV heads keys and the query heads fit)."""
+    suffix_warps warps)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -486,14 +416,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
             prefix_splits = max(1, min(prefix_splits, -(-groups.max_prefix_len // 256)))
             tiles = -(-groups.max_prefix_len // c["prefix_tile"])
             prefix_splits = -(-tiles // -(-tiles // prefix_splits))  # no split left empty
-    hq = hkv * g_pad if hq is None else hq
-    all_heads = cfg.get("suffix_all_heads", SUFFIX_ALL_HEADS) and block_size * hkv <= _ALL_HEADS_MAX_KEY_ROWS \
-        and hq <= _ALL_HEADS_MAX_ROWS
-    c["suffix_all_heads"] = bool(all_heads)
-    if all_heads:
-        c["suffix_m"] = max(16, _next_pow2(hq))
     if suffix_splits is None:
-        suffix_splits = choose_num_splits(s, 1 if all_heads else hkv, device, groups.max_suffix_len)
+        suffix_splits = choose_num_splits(s, hkv, device, groups.max_suffix_len)
     for name, val in (("prefix_splits", prefix_splits), ("suffix_splits", suffix_splits)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -519,7 +443,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     ns = c["prefix_splits"] + c["suffix_splits"]
     pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device)
     n_prefix = groups.num_chunks * hkv * c["prefix_splits"] * c["row_tiles"]
-    n_suffix = s * (1 if c["suffix_all_heads"] else hkv) * c["suffix_splits"]
+    n_suffix = s * hkv * c["suffix_splits"]
     args = (query, k_cache, v_cache, block_tables, context_lens, groups.members,
             groups.chunk_start, groups.chunk_count, groups.chunk_prefix_len, groups.seq_prefix_len,
             pacc, plse)
@@ -534,7 +458,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
-        PDL=pdl.applies(query.device), SUFFIX_ALL_HEADS=c["suffix_all_heads"])
+        PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]))
     if c["num_stages"] is not None:
         meta["num_stages"] = c["num_stages"]
@@ -591,8 +515,7 @@ def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *,
                                scale=scale, sliding_window=sliding_window, softcap=softcap,
                                out=out, num_splits=suffix_splits)
     c = _launch_config(groups, s, hkv, _next_pow2(hq // hkv), max(16, _next_pow2(d)),
-                       query.dtype, query.device, prefix_splits, suffix_splits, _config,
-                       block_size=k_cache.shape[1], hq=hq)
+                       query.dtype, query.device, prefix_splits, suffix_splits, _config)
     _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups, out, scale,
                     sliding_window, softcap, c)
     return out

@@ -242,39 +242,3 @@ def test_cascade_with_pdl(pdl_path, device):
         out = torch.full_like(q, float("nan"))
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.2, out=out, prefix_splits=2, _config=cfg)
         assert rel_err(out.cpu(), ref) < 1e-4
-
-
-ALL_HEADS_CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, suffix_splits, kwargs)
-    (torch.float32, 8, 8, 2, 64, (3, 3), None, {}),
-    (torch.bfloat16, 16, 32, 8, 64, (4, 2), 2, {}),
-    (torch.float16, 8, 4, 4, 80, (2, 5), 3, {"sliding_window": 20}),
-    (torch.float32, 16, 8, 1, 128, (3,), 1, {"softcap": 2.0}),
-]
-
-
-@pytest.mark.parametrize("dtype,bs,hq,hkv,d,sizes,ss,kw", ALL_HEADS_CASES)
-def test_own_keys_all_heads_per_program(dtype, bs, hq, hkv, d, sizes, ss, kw, device):
-    """suffix_all_heads: one program per sequence (and split) scores a block's keys of every KV
-    head against every query head and keeps each row's own head: the same result, sequences in
-    no group (all their keys) included, window and softcap included."""
-    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=bs, hq=hq, hkv=hkv, d=d,
-                                      prefix_blocks=(4, 3)[:len(sizes)], group_sizes=sizes)
-    ref = _reference(q, k, v, bt, ctx, d ** -0.5, **kw)
-    groups = find_prefix_groups(bt, ctx, bs)
-    out = torch.full_like(q, float("nan"))
-    shared_prefix_decode(q, k, v, bt, ctx, scale=d ** -0.5, groups=groups, out=out, suffix_splits=ss,
-                         _config={"suffix_all_heads": True}, **kw)
-    assert rel_err(out.cpu(), ref) < TOL[dtype]
-
-
-def test_all_heads_only_where_a_tile_fits(device):
-    from sharedecode.kernels.shared_prefix import _launch_config
-
-    (q, k, v, bt, ctx), _ = make_tree(device, torch.float32, bs=8, hq=8, hkv=2, d=64)
-    groups = find_prefix_groups(bt, ctx, 8)
-    fits = _launch_config(groups, 6, 2, 4, 64, torch.float32, device, None, None,
-                          {"suffix_all_heads": True}, block_size=8, hq=8)
-    assert fits["suffix_all_heads"] and fits["suffix_m"] == 16
-    too_wide = _launch_config(groups, 6, 32, 1, 64, torch.float32, device, None, None,
-                              {"suffix_all_heads": True}, block_size=16, hq=32)
-    assert not too_wide["suffix_all_heads"]
