@@ -115,7 +115,7 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_shape(shape: Shape) -> dict:
+def run_shape(shape: Shape, names: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     block_tables, context_lens, num_blocks = build(shape, gen)
     n = block_tables.shape[0]
@@ -140,7 +140,8 @@ def run_shape(shape: Shape) -> dict:
         return lambda: shared_prefix_decode(q, k[i], vv[i], block_tables, context_lens, scale=scale,
                                             groups=groups, out=outs[i], suffix_splits=splits, **kw)
 
-    candidates = {"plain": plain} | {name: (lambda i, kw=kw: cascade(i, kw)) for name, kw in VARIANTS.items()}
+    candidates = {"plain": plain} | {name: (lambda i, kw=kw: cascade(i, kw)) for name, kw in VARIANTS.items()
+                                     if names is None or name in names}
     for name, make in candidates.items():
         r = row["variants"][name] = {}
         try:
@@ -170,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="cascade_shapes.json")
     parser.add_argument("--only", default=None, help="shape names, comma-separated")
+    parser.add_argument("--variants", default=None, help="variant names, comma-separated (plain always runs)")
     args = parser.parse_args()
     import triton
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -177,7 +179,7 @@ def main() -> None:
     for shape in SHAPES:
         if args.only and shape.name not in args.only.split(","):
             continue
-        report["shapes"].append(run_shape(shape))
+        report["shapes"].append(run_shape(shape, args.variants.split(",") if args.variants else None))
         Path(args.out).write_text(json.dumps(report, indent=1))
     print("\n| shape | plain us | default us | best | best us | best vs default |")
     for row in report["shapes"]:
