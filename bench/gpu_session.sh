@@ -4,7 +4,8 @@
 #
 #   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~7 min: GPU correctness (decode logits, beams,
 #                                               #   look-ahead; the kernel tests on compiled kernels)
-#   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~7 min: M1 end to end, copies in the graph ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~7 min: M1 end to end (fused top-p ablated on the
+#                                               #   sampling rows; decode with the KV write folded)
 #   COMMIT=<sha> bash bench/gpu_session.sh 3    # ~8 min: decode-step folds (twice), W-beam timeline,
 #                                               #   host hot spots, M2 W-beam-batch
 #   COMMIT=<sha> bash bench/gpu_session.sh 4    # ~6 min: fused top-p sampling (kernel tests on the
@@ -31,8 +32,8 @@ case "${1:-1}" in
         tests/kernels/test_kv_cache_ops.py tests/kernels/test_skinny_matmul.py tests/kernels/test_fused_sampling.py
     ;;
 2)
-    run 420 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-graph-copies \
-        --time-budget 360 --out "$OUT/e2e-M1-$COMMIT.json"
+    run 480 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-fused-top-p \
+        --kv-write-in-kernel --time-budget 420 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
 3)
     for i in 1 2; do
