@@ -119,9 +119,16 @@ def group_shared_prefixes(block_ids: Sequence[Sequence[int]], context_lens: Sequ
         rows = [block_ids[i] for i in members]
         full = min(min(context_lens[i] for i in members) // block_size, min(map(len, rows)))
         lo, hi = min(rows), max(rows)
-        shared = 1
-        while shared < full and lo[shared] == hi[shared]:
-            shared += 1
+        if lo[:full] == hi[:full]:  # (usual for beams and samples: one C-level comparison)
+            shared = full
+        else:  # bisection: lo and hi agree on `shared` blocks and differ within `differ`
+            shared, differ = 1, full
+            while differ - shared > 1:
+                middle = (shared + differ) // 2
+                if lo[:middle] == hi[:middle]:
+                    shared = middle
+                else:
+                    differ = middle
         groups.append((tuple(members), shared))
     return groups
 

@@ -328,14 +328,25 @@ class BlockAllocator:
         for table, token in zip(tables, token_ids):
             old = len(table.token_ids)
             offset = old % bs
-            if offset and ref_counts[table.block_ids[-1]] == 1:
-                table.token_ids.append(token)
-                slots.append(table.block_ids[-1] * bs + offset)
-                if offset == bs - 1:  # the block is now full: hash it for prefix reuse
-                    self._register_full_block(table, old // bs)
+            block_ids = table.block_ids
+            if offset:  # into the partial last block: its own, or a copy of it when shared (beams)
+                last = block_ids[-1]
+                if ref_counts[last] > 1:  # copy on write, as `append` does
+                    copy = self._take_block()
+                    self.pending_copies.append((last, copy))
+                    ref_counts[last] -= 1
+                    block_ids[-1] = last = copy
+            elif len(block_ids) == old // bs:  # a new block, as `append` takes it
+                last = self._take_block()
+                block_ids.append(last)
             else:
                 self.append(table, [token])
-                slots.append(table.block_ids[old // bs] * bs + offset)
+                slots.append(block_ids[old // bs] * bs + offset)
+                continue
+            table.token_ids.append(token)
+            slots.append(last * bs + offset)
+            if offset == bs - 1:  # the block is now full: hash it for prefix reuse
+                self._register_full_block(table, old // bs)
         return slots
 
     def fill_last_tokens(self, tables: list[BlockTable], token_ids: list[int]) -> None:

@@ -756,11 +756,12 @@ def test_float32_helpers_equal_torch():
     [beam_search.NEG, -0.5, beam_search.NEG, -1.5],             # ties: torch answers
     [float("-inf"), -1.0, float("-inf"), -2.0, -3.0],
     [float("nan"), -1.0, -2.0, float("inf"), 0.0],
+    [0.0, -0.0, -1.0, beam_search.NEG, beam_search.NEG - 64.0],  # ties through the pattern cache
 ])
 def test_topk_indices_equals_torch_topk(pool):
     rng = random.Random(1)
-    for _ in range(200):
-        values = [rng.choice(pool) for _ in range(rng.randint(2, 24))]
+    for _ in range(400):
+        values = [rng.choice(pool) for _ in range(rng.randint(2, 48))]
         k = rng.randint(1, len(values))
         expected = torch.topk(torch.tensor([values], dtype=torch.float32), k)[1][0].tolist()
         assert beam_search.topk_indices(values, k) == expected

@@ -73,13 +73,24 @@ def topk_indices(values: list[float], k: int) -> list[int]:
     """The indices `torch.topk(torch.tensor([values]), k)` gives on the CPU, largest first.
 
     When the k largest values and the next one are all distinct (and none is NaN) the answer is
-    unique and a sort gives it; otherwise (ties, which torch breaks its own way) torch answers."""
+    unique and a sort gives it; otherwise (ties, which torch breaks its own way) torch answers.
+    Its CPU top-k only compares values, so its answer depends only on their order pattern (the
+    dense ranks): asked once per pattern. Beam search meets the same few patterns of ties (its
+    unfinished hypotheses' placeholder scores) at nearly every step."""
     order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
     head = [values[i] for i in order[: k + 1]]
     total = sum(values)
-    if total == total and all(a > b for a, b in zip(head, head[1:])):
+    if total != total:  # NaN: its own place in torch's order
+        return torch.topk(torch.frombuffer(array("f", values), dtype=torch.float32), k).indices.tolist()
+    if all(a > b for a, b in zip(head, head[1:])):
         return order[:k]
-    return torch.topk(torch.frombuffer(array("f", values), dtype=torch.float32), k).indices.tolist()
+    rank = {value: r for r, value in enumerate(sorted(set(values)))}
+    return list(_torch_topk_of_pattern(tuple(rank[v] for v in values), k))
+
+
+@lru_cache(maxsize=4096)
+def _torch_topk_of_pattern(ranks: tuple[int, ...], k: int) -> tuple[int, ...]:
+    return tuple(torch.topk(torch.tensor(ranks, dtype=torch.float32), k).indices.tolist())
 
 
 def top_candidates(log_probs: torch.Tensor, running: torch.Tensor, num_requests: int, keep: int,
@@ -218,8 +229,9 @@ class BeamRequest(Request):
         reasons = self._finish_reasons(beam_of, token_of)
         hits = [r is not None for r in reasons]
 
-        # The best num_beams unfinished candidates keep running.
-        running = to_f32([x + neg_if(h) for x, h in zip(scores, hits)])
+        # The best num_beams unfinished candidates keep running (x + -0.0 is x: nothing to round
+        # when no candidate finished).
+        running = to_f32([x + neg_if(h) for x, h in zip(scores, hits)]) if any(hits) else scores
         next_indices = topk_indices(running, k)
 
         # Finished candidates among the top num_beams compete with earlier finished beams.
