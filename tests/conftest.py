@@ -1,7 +1,16 @@
 """Fixtures shared by the whole suite."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# The same examples on every run (CI must not pass or fail by chance); HYPOTHESIS_PROFILE=explore
+# draws fresh ones, for a search for new failures.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -153,6 +153,11 @@ def test_any_budget_finishes_or_raises_kvcachefull(model, num_blocks, kind, coun
         make = ParallelSampling
     expected = make(Engine(model, kv_cache_bytes=2**22, block_size=BLOCK), **params).run(prompts)
     small = engine_with_blocks(model, num_blocks)
+    if width > num_blocks:  # refused up front: every sequence needs a block of its own
+        with pytest.raises(ValueError, match="raise kv_cache_bytes"):
+            make(small, **params)
+        assert_clean(small)
+        return
     try:
         got = make(small, **params).run(prompts)
     except KVCacheFull:
