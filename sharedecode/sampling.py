@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sharedecode.kernels.fused_sampling import top_p_sample
-from sharedecode.kernels.paged_attention import HAS_TRITON, _interpreting
+from sharedecode.kernels.paged_attention import HAS_TRITON
 from sharedecode.uploads import to_device
 
 NEG_INF = float("-inf")
@@ -113,12 +113,16 @@ def race(scores: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
+def _runs_fused(scores: torch.Tensor, params: SamplingParams) -> bool:
+    """Whether `draw_tokens` takes the kernel (the kernel tests also route the CPU through it)."""
+    return FUSED_TOP_P and HAS_TRITON and params.min_p == 0.0 and scores.is_cuda
+
+
 def draw_tokens(scores: torch.Tensor, noise: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's warpers (`process_for_sampling`), then one token per row drawn by `race` with `noise`.
     On CUDA without min_p the top-p cut and the draw are one kernel (`top_p_sample`: the same cut
     but for tokens within float32 rounding of it, see its module)."""
-    fused = FUSED_TOP_P and HAS_TRITON and params.min_p == 0.0 and (scores.is_cuda or _interpreting())
-    if not fused:
+    if not _runs_fused(scores, params):
         return race(process_for_sampling(scores, params), noise)
     scores = apply_top_k(apply_temperature(scores, params.temperature), params.top_k)
     return top_p_sample(scores.contiguous(), noise.contiguous(), params.top_p)

@@ -83,13 +83,19 @@ def test_sampling_strategy_same_tokens_fused_or_not(device, monkeypatch):
     engine = Engine(model, backend="torch", kv_cache_bytes=8 * 2**20)
     prompt = torch.randint(3, 512, (20,)).tolist()
 
-    def run(fused):
-        monkeypatch.setattr(sampling, "FUSED_TOP_P", fused)
+    def run(fused):  # (on the CPU the kernel runs through the interpreter)
+        monkeypatch.setattr(sampling, "_runs_fused", lambda scores, params: fused and params.min_p == 0.0)
         result = ParallelSampling(engine, n=4, temperature=0.8, top_p=0.9, seed=7, max_new_tokens=6,
                                   min_new_tokens=6).run(prompt)
         return [(s.token_ids, s.score) for s in result.sequences]
 
-    fused, plain = run(True), run(False)
+    calls = []
+    kernel = sampling.top_p_sample
+    monkeypatch.setattr(sampling, "top_p_sample", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    fused = run(True)
+    assert len(calls) == 6  # one launch per step
+    plain = run(False)
+    assert len(calls) == 6
     assert [t for t, _ in fused] == [t for t, _ in plain]
     assert [s for _, s in fused] == pytest.approx([s for _, s in plain], rel=1e-5, abs=1e-5)
     assert engine.kv_stats().blocks_in_use == 0
