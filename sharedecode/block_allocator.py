@@ -194,7 +194,7 @@ class BlockAllocator:
         Tables sharing a partial last block: the copy-on-write happens for all but the last appender
         when every holder appends (it then owns the block alone), for each appender otherwise.
         """
-        bs = self.block_size
+        bs, ref_counts = self.block_size, self.ref_counts
         appenders: dict[int, int] = {}
         needed = 0
         for table in tables:
@@ -202,9 +202,10 @@ class BlockAllocator:
                 needed += 1
             else:
                 last = table.block_ids[-1]
-                appenders[last] = appenders.get(last, 0) + 1
+                if ref_counts[last] > 1:  # (held alone: the append takes no block)
+                    appenders[last] = appenders.get(last, 0) + 1
         for block_id, count in appenders.items():
-            refs = self.ref_counts[block_id]
+            refs = ref_counts[block_id]
             needed += count - 1 if count >= refs else count
         return needed
 
