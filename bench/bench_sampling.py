@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.graph_timing import replay_us  # noqa: E402
 from sharedecode.kernels.fused_sampling import top_p_sample  # noqa: E402
 from sharedecode.sampling import apply_top_p, race  # noqa: E402
 
@@ -31,25 +31,7 @@ CALLS_PER_GRAPH = 10
 
 def graph_us(fn, repeats: int) -> float:
     """Median microseconds per call of `fn` replayed in a CUDA graph of CALLS_PER_GRAPH calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    return statistics.median(times)
+    return replay_us(lambda: [fn() for _ in range(CALLS_PER_GRAPH)], repeats=repeats) / CALLS_PER_GRAPH
 
 
 def main() -> None:
