@@ -9,12 +9,13 @@ then log_softmax over the kept tokens, then the exponential race argmax(p / nois
 from p. Returns the chosen token (int64) and its log-probability (float32) per row. The torch
 reference, and the path everywhere else, is `sharedecode.sampling.draw_tokens` (sort-based).
 
-Why: the torch version is a sort of every row (192 us per step for 64 x 32,000 on an H100, the
-largest part of parallel sampling's own device time) and a dozen more full-size passes. The cut
-needs no order, only a threshold: the kept tokens are those whose probability is >= the smallest
-probability p* with mass(p <= p*) > (1 - top_p) x total. Probabilities are non-negative floats,
-so their bit patterns sort like their values and a binary search over the bits (30 passes over
-the row's probabilities, which stay in L2) finds p* exactly.
+Why: the torch version is a sort of every row (192 us per step for 64 x 32,000 in an H200
+profile, the largest part of parallel sampling's own device time) and a dozen more full-size
+passes. The cut needs no order, only a threshold: the kept tokens are those whose probability
+is >= the smallest probability p* with mass(p <= p*) > (1 - top_p) x total. Probabilities are
+non-negative floats, so their bit patterns sort like their values and a binary search over the
+bits (30 passes over the row's probabilities: in registers for rows of up to 32k tokens, else
+from an L2-resident scratch row) finds p* exactly. On an H200: 34 us for 64 x 32,000 against 355 us for the torch ops.
 
 Where it can differ from the sort: only for tokens whose cumulative mass lies within float32
 rounding of 1 - top_p (the sums run in another order), and for exact ties at the cut, which the
