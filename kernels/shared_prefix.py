@@ -108,10 +108,15 @@ def group_shared_prefixes(block_ids: Sequence[Sequence[int]], context_lens: Sequ
     lexicographically smallest and largest rows (all rows between them agree where those two do),
     so the cost is a few C-level list comparisons per bucket, not a Python loop over all blocks.
     """
-    buckets: dict[int, list[int]] = {}
-    for i, (ids, ctx) in enumerate(zip(block_ids, context_lens)):
-        if ctx >= block_size and len(ids):
-            buckets.setdefault(ids[0], []).append(i)
+    n = len(block_ids)
+    if n and min(context_lens) >= block_size and all(map(len, block_ids)) \
+            and len({ids[0] for ids in block_ids}) == 1:
+        buckets = {block_ids[0][0]: list(range(n))}  # one prompt behind every row: no per-row loop
+    else:
+        buckets: dict[int, list[int]] = {}
+        for i, (ids, ctx) in enumerate(zip(block_ids, context_lens)):
+            if ctx >= block_size and len(ids):
+                buckets.setdefault(ids[0], []).append(i)
     groups = []
     for members in buckets.values():
         if len(members) < min_group:
