@@ -94,53 +94,35 @@ class SampleRequest(Request):
         """Record the chosen tokens (`chosen`: token, log-probability for each branch, as floats);
         finished branches give their blocks back at once. `rows`: the branches the step was
         launched for, when some of them stopped since (their values are skipped)."""
-        rule, generated, logprobs = self.rule, self.generated, self.logprobs
-        if rows is None and len(self.pending) == 1 and not rule.stop_strings:
-            return self._step_one_branch(engine, int(chosen[0]), chosen[1])
         if rows is not None:
             live = {id(b) for b in self.pending}
             chosen = [x for b, t, lp in zip(rows, chosen[0::2], chosen[1::2]) if id(b) in live for x in (t, lp)]
         self.num_generated += 1
-        still_running = []
-        for branch, token, logprob in zip(self.pending, map(int, chosen[0::2]), chosen[1::2]):
-            key = id(branch)
-            sequence = generated[key]
-            sequence.append(token)
-            logprobs[key] += logprob
-            reason = rule.finish_reason(sequence)
-            if reason is None:
-                branch.next_token = token
-                still_running.append(branch)
-            else:
-                engine.free(branch.table)
-                branch.table = None
-                self.finished.append(self._sequence(self.generated.pop(key), self.logprobs.pop(key), reason))
+        if len(self.pending) == 1:  # (greedy, shared-prompt batches: hundreds per host-bound step)
+            running = self._record(engine, self.pending[0], int(chosen[0]), chosen[1])
+            still_running = self.pending if running else []
+        else:
+            still_running = [branch for branch, token, logprob
+                             in zip(self.pending, map(int, chosen[0::2]), chosen[1::2])
+                             if self._record(engine, branch, token, logprob)]
         self.pending = still_running
         self.done = not still_running
 
-    def _step_one_branch(self, engine: Engine, token: int, logprob: float) -> None:
-        """`step_host` of a request with one live branch and no stop strings (greedy, and every
-        request of a shared-prompt batch): the same bookkeeping with fewer steps, since a step of
-        hundreds of such requests is host-bound."""
-        branch = self.pending[0]
+    def _record(self, engine: Engine, branch: Branch, token: int, logprob: float) -> bool:
+        """Append `token` to `branch`; True while it runs on, else its blocks are given back and
+        its sequence is finished."""
         key = id(branch)
         sequence = self.generated[key]
         sequence.append(token)
         self.logprobs[key] += logprob
-        self.num_generated += 1
-        rule = self.rule
-        if token in rule.eos_token_ids:
-            reason = "eos"
-        elif len(sequence) >= rule.max_new_tokens:
-            reason = "length"
-        else:
+        reason = self.rule.finish_reason(sequence)
+        if reason is None:
             branch.next_token = token
-            return
+            return True
         engine.free(branch.table)
         branch.table = None
         self.finished.append(self._sequence(self.generated.pop(key), self.logprobs.pop(key), reason))
-        self.pending = []
-        self.done = True
+        return False
 
     def _sequence(self, generated: list[int], logprob: float, reason: str) -> GeneratedSequence:
         text = self.strategy.decode_text(generated)
