@@ -473,9 +473,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
         PDL=pdl.applies(query.device))
-    meta.update(pdl.launch_options(meta["PDL"]))
-    if c["num_stages"] is not None:
-        meta["num_stages"] = c["num_stages"]
+    meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["separate"]:
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,
                                      num_warps=c["num_warps"], **meta)

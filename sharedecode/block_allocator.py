@@ -300,17 +300,23 @@ class BlockAllocator:
                 f"appending {len(token_ids)} token(s) needs {needed} free KV blocks, "
                 f"{self.num_free_blocks} of {self.num_blocks} are free"
             )
-        if old % bs and token_ids and self.ref_counts[table.block_ids[-1]] > 1:  # copy on write
-            last = table.block_ids[-1]
-            copy = self._take_block()
-            self.pending_copies.append((last, copy))
-            self.ref_counts[last] -= 1
-            table.block_ids[-1] = copy
+        if old % bs and token_ids and self.ref_counts[table.block_ids[-1]] > 1:
+            self._copy_last_block(table)
         table.token_ids.extend(token_ids)
         while len(table.block_ids) < self.blocks_for(new):
             table.block_ids.append(self._take_block())
         for index in range(old // bs, new // bs):
             self._register_full_block(table, index)
+
+    def _copy_last_block(self, table: BlockTable) -> int:
+        """Copy on write: `table` gets a block of its own for its shared partial last block (the
+        copy is recorded for the step's batched copy); returns the new block's id."""
+        last = table.block_ids[-1]
+        copy = self._take_block()
+        self.pending_copies.append((last, copy))
+        self.ref_counts[last] -= 1
+        table.block_ids[-1] = copy
+        return copy
 
     def append_tokens(self, tables: list[BlockTable], token_ids: list[int]) -> list[int]:
         """A decode step's bookkeeping: append one token to each table (in order, exactly as
@@ -332,11 +338,8 @@ class BlockAllocator:
             block_ids = table.block_ids
             if offset:  # into the partial last block: its own, or a copy of it when shared (beams)
                 last = block_ids[-1]
-                if ref_counts[last] > 1:  # copy on write, as `append` does
-                    copy = self._take_block()
-                    self.pending_copies.append((last, copy))
-                    ref_counts[last] -= 1
-                    block_ids[-1] = last = copy
+                if ref_counts[last] > 1:
+                    last = self._copy_last_block(table)
             elif len(block_ids) == old // bs:  # a new block, as `append` takes it
                 last = self._take_block()
                 block_ids.append(last)
