@@ -11,7 +11,9 @@ look-ahead on and off, through CUDA graphs (compiled) and Triton eager: the same
 block freed, and steps really launched ahead.
 beams: beam search through CUDA graphs with the CUDA path's two-stage top-K (each row's best, then
 the request's) against the flat top-K over k x V: the same tokens and scores; HF generate's
-tokens on the same fp32 model are printed beside them.
+tokens on the same fp32 model are printed beside them. Then steps launched ahead (survivors and
+block tables made on the device) against reading each step first, with and without graphs and
+with the cascade forced on: the same tokens and scores, every block freed.
 
     python bench/check_decode_gpu.py [--only plain|shared|look_ahead|beams]
 """
@@ -238,6 +240,34 @@ def check_beams() -> bool:
             beam_search.top_candidates = two_stage
         outcomes[name] = [[(s.token_ids, round(s.score, 5)) for s in r.sequences] for rs in results for r in rs]
     ok = outcomes["two-stage"] == outcomes["flat"] and engine.kv_stats().blocks_in_use == 0
+    # Steps launched ahead (survivors and block tables made on the device; on by default on CUDA)
+    # against reading each step's results first, with and without graphs, and with the cascade
+    # forced on so that the steps ahead take shared-prefix groups too.
+    for graphs in (True, False):
+        for cascade in (False, True):
+            runs = {}
+            for look_ahead in (True, False):
+                other = Engine(model, backend="triton", kv_cache_bytes=2**30, cuda_graphs=graphs,
+                               look_ahead=look_ahead, compile=False)  # (compiling: minutes per engine)
+                if cascade:
+                    other.shared_prefix_min_saved_tokens = 0
+                forked = []
+                decode_forked = other.decode_forked
+                other.decode_forked = lambda *a, f=decode_forked, **kw: forked.append(1) or f(*a, **kw)
+                results = [BeamSearch(other, num_beams=k, max_new_tokens=30, eos_token_id=2,
+                                      num_return_sequences=2).run(prompts) for k in (4, 8)]
+                runs[look_ahead] = [[(s.token_ids, round(s.score, 4)) for s in r.sequences]
+                                    for rs in results for r in rs]
+                leaked = other.kv_stats().blocks_in_use + len(other.allocator.reserved)
+                good = leaked == 0 and bool(forked) == look_ahead
+                ok &= good
+                print(f"beams ahead {look_ahead!s:5s} graphs {graphs!s:5s} cascade {cascade!s:5s}: "
+                      f"{len(forked)} steps forked on the device, {leaked} blocks left "
+                      f"{'ok' if good else 'MISMATCH'}", flush=True)
+            same = runs[True] == runs[False]
+            ok &= same
+            print(f"beams graphs {graphs!s:5s} cascade {cascade!s:5s}: "
+                  f"{'identical' if same else 'DIFFER'} with and without steps ahead", flush=True)
     hf_same = 0
     for k in (4, 8):
         for i, prompt in enumerate(prompts):

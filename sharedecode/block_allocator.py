@@ -101,6 +101,7 @@ class BlockAllocator:
         self._last_match: tuple[int, list[int], list[int]] | None = None
         self.tables: dict[int, BlockTable] = {}  # live tables by id()
         self.pending_copies: list[tuple[int, int]] = []
+        self.reserved: set[int] = set()  # taken for a step launched ahead, not in a table yet
 
     # ---------------------------------------------------------------- queries
     @property
@@ -428,7 +429,49 @@ class BlockAllocator:
     def free_all(self) -> None:
         for table in list(self.tables.values()):
             self.free(table)
+        self.unreserve(list(self.reserved))
         self.pending_copies.clear()
+
+    # ---------------------------------------------------------------- beams launched ahead
+    def reserve(self, count: int) -> list[int]:
+        """Take `count` free blocks for a step launched before its block tables exist (beam search
+        ahead: each new beam's last block, filled on the device); `fork_with_tail` hands one to a
+        table, `unreserve` gives back the rest. Raises KVCacheFull (taking nothing) when short."""
+        if count > self.num_free_blocks:
+            raise KVCacheFull(f"reserving {count} KV blocks, {self.num_free_blocks} of "
+                              f"{self.num_blocks} are free")
+        blocks = [self._take_block() for _ in range(count)]
+        self.reserved.update(blocks)
+        return blocks
+
+    def unreserve(self, block_ids: list[int]) -> None:
+        """Give reserved blocks back (never hashed: straight to the free list, in order)."""
+        for block_id in block_ids:
+            self.reserved.remove(block_id)
+        self._release(block_ids[::-1])
+
+    def fork_with_tail(self, parent: BlockTable, tail: int, token: int) -> BlockTable:
+        """A child of `parent` holding `parent`'s full blocks (ref + 1 each), then the reserved
+        block `tail`, with `token` appended: what `fork(parent)` then `append(child, [token])`
+        leave, except that the last block is always `tail` (the device copied `parent`'s partial
+        last block into it, when there is one, so no copy-on-write copy is recorded)."""
+        self._check_live(parent)
+        if tail not in self.reserved:
+            raise ValueError(f"block {tail} is not reserved")
+        bs = self.block_size
+        length = len(parent.token_ids)
+        full = length // bs
+        block_ids = parent.block_ids[:full]
+        ref_counts = self.ref_counts
+        for block_id in block_ids:
+            ref_counts[block_id] += 1
+        self.reserved.remove(tail)
+        child = BlockTable(block_ids + [tail], parent.token_ids + [token], parent.num_cached_tokens,
+                           min(parent.num_computed_blocks, full))
+        self.tables[id(child)] = child
+        if length % bs == bs - 1:  # the token completes the tail: hash it for prefix reuse
+            self._register_full_block(child, full)
+        return child
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write (src, dst) pairs recorded since the last call, for one batched copy
@@ -478,6 +521,8 @@ class BlockAllocator:
     def check(self) -> None:
         """Raise AssertionError if an internal invariant is broken (for tests and debugging)."""
         holders = [0] * self.num_blocks
+        for block_id in self.reserved:
+            holders[block_id] += 1
         for table in self.tables.values():
             assert len(table.block_ids) == self.blocks_for(table.num_tokens), "table size"
             for block_id in table.block_ids:

@@ -39,6 +39,15 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MEMBERS_PER_CHUNK = 64  # the cascade's chunk size: also the largest member class
 
 
+class DeviceRows(NamedTuple):
+    """A step's block tables computed on the device (`Engine.decode_forked`), with its
+    copy-on-write pairs: sources on the device, destinations known to the host (-1: no copy)."""
+
+    rows: torch.Tensor  # [n, width] int32
+    copy_src: torch.Tensor  # [n] int64
+    copy_dst: list[int]
+
+
 class GraphKey(NamedTuple):
     size: int  # batch bucket
     chunks: int  # group chunks the captured cascade has room for; 0: plain paged attention
@@ -251,14 +260,20 @@ class DecodeGraphs:
             return False
         return not {s for s, _ in copies} & {d for _, d in copies}
 
-    def stage(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-              context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
-              input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = ()) -> GraphKey:
+    def stage(self, token_ids: list[int], positions: list[int], slots: list[int],
+              tables: list[list[int]] | DeviceRows, context_lens: list[int],
+              groups: Sequence[tuple[tuple[int, ...], int]] = (), input_ids: torch.Tensor | None = None,
+              copies: Sequence[tuple[int, int]] = ()) -> GraphKey:
         """Copy a step's inputs into the static buffers; returns the key of the graph to replay.
+        `tables`: each row's block ids, or rows already on the device (with their copies).
         `groups`: from group_shared_prefixes over `tables` and `context_lens`. `input_ids`: the
         tokens as a device tensor instead of `token_ids` (copied on the device, after the staging
         copy, in stream order). `copies`: copy-on-write (src, dst) block pairs the graph makes
         before its forward (only where `takes_copies` allows)."""
+        if isinstance(tables, DeviceRows):
+            if not self.copies_in_graph:
+                raise ValueError("rows on the device need a graph that makes their copies")
+            copies = [(-1, dst) for dst in tables.copy_dst]  # sources filled on the device below
         n = len(token_ids)
         layout = layout_groups(groups, n, self.engine.block_size, MEMBERS_PER_CHUNK) if groups else None
         key = self.graph_key(n, layout)
@@ -276,16 +291,23 @@ class DecodeGraphs:
         if key.chunks:
             for name, values in pack_groups(layout, key.size, key.chunks).items():
                 host[name][: len(values)] = values
-        width = max(map(len, tables))
-        changed = self._changed_rows(tables)
-        k = len(changed)
-        host["changed_rows"][:k] = changed
-        host["block_rows"][: k * width] = flat_rows([tables[i] for i in changed], width)
-        self.staging.copy_to_device("block_rows", k * width)
-        if k:
-            device = self.staging.device
-            rows = device["block_rows"][: k * width].view(k, width)
-            self.block_tables[:, :width].index_copy_(0, device["changed_rows"][:k], rows)
+        device = self.staging.device
+        if isinstance(tables, DeviceRows):
+            self.staging.copy_to_device("block_rows", 0)
+            rows = tables.rows
+            self.block_tables[:n, : rows.shape[1]].copy_(rows)
+            self._rows_on_device[:n] = [None] * n
+            device["copy_src"][:n].copy_(tables.copy_src)
+        else:
+            width = max(map(len, tables))
+            changed = self._changed_rows(tables)
+            k = len(changed)
+            host["changed_rows"][:k] = changed
+            host["block_rows"][: k * width] = flat_rows([tables[i] for i in changed], width)
+            self.staging.copy_to_device("block_rows", k * width)
+            if k:
+                rows = device["block_rows"][: k * width].view(k, width)
+                self.block_tables[:, :width].index_copy_(0, device["changed_rows"][:k], rows)
         if input_ids is not None:
             self.staging.device["input_ids"][:n].copy_(input_ids)
         return key
@@ -300,8 +322,8 @@ class DecodeGraphs:
             held[i] = list(tables[i])
         return changed
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
+            tables: list[list[int]] | DeviceRows, context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
             input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         key = self.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids, copies)
         if key not in self.graphs:

@@ -179,6 +179,7 @@ class Engine:
             )
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks, block_size, self.layout.bytes_per_token)
+        self._last_rows: torch.Tensor | None = None  # the last decode step's block tables (device)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
             from sharedecode.cuda_graphs import DecodeGraphs
@@ -307,35 +308,88 @@ class Engine:
             raise KVCacheFull(f"a decode step of {len(tables)} sequences needs {needed} new KV blocks, "
                               f"{self.allocator.num_free_blocks} are free")
         slots = self.allocator.append_tokens(tables, token_ids)
-        bs = self.block_size
         block_ids = [t.block_ids for t in tables]
         context_lens = [len(t.token_ids) for t in tables]
         positions = [n - 1 for n in context_lens]
-        groups = []
-        if self.shared_prefix:
-            from sharedecode.kernels.shared_prefix import group_shared_prefixes
-
-            groups = group_shared_prefixes(block_ids, context_lens, bs)
-            if sum((len(members) - 1) * shared for members, shared in groups) * bs \
-                    < self.shared_prefix_min_saved_tokens:
-                groups = []  # too little shared to pay for the cascade's extra programs and merge
-        if self.graphs is not None and self.graphs.fits(len(tables), max(map(len, block_ids))):
+        groups = self._shared_prefix_groups(block_ids, context_lens)
+        width = max(map(len, block_ids))
+        if self.graphs is not None and self.graphs.fits(len(tables), width):
             copies = self.allocator.take_copies()
             if not self.graphs.takes_copies(copies, len(tables)):
                 self._copy_blocks(copies)
                 copies = []
             out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups,
                                   input_ids=input_ids, copies=copies)
+            self._last_rows = self.graphs.block_tables[: len(tables), :width]
         else:
-            prefix_groups = None
-            if groups:
-                from sharedecode.kernels.shared_prefix import prefix_groups_to_device
-
-                prefix_groups = prefix_groups_to_device(groups, context_lens, bs, self.device)
             out = self._forward(list(token_ids) if input_ids is None else input_ids, positions, slots,
                                 tables, context_lens, [1] * len(tables), None, is_decode=True,
-                                prefix_groups=prefix_groups)
+                                prefix_groups=self._prefix_groups(groups, context_lens))
         self.allocator.mark_all_computed(tables)
+        return out
+
+    def _shared_prefix_groups(self, block_ids, context_lens: list[int]) -> list:
+        """The step's shared-prefix groups, when there are enough to pay for the cascade."""
+        if not self.shared_prefix:
+            return []
+        from sharedecode.kernels.shared_prefix import group_shared_prefixes
+
+        return self._worth_a_cascade(group_shared_prefixes(block_ids, context_lens, self.block_size))
+
+    def _worth_a_cascade(self, groups: list) -> list:
+        saved = sum((len(members) - 1) * shared for members, shared in groups) * self.block_size
+        # too little shared to pay for the cascade's extra programs and merge
+        return groups if self.shared_prefix and saved >= self.shared_prefix_min_saved_tokens else []
+
+    def _prefix_groups(self, groups: list, context_lens: list[int]) -> PrefixGroups | None:
+        if not groups:
+            return None
+        from sharedecode.kernels.shared_prefix import prefix_groups_to_device
+
+        return prefix_groups_to_device(groups, context_lens, self.block_size, self.device)
+
+    def decode_forked(self, parent_rows: torch.Tensor, positions: list[int], tails: list[int],
+                      input_ids: torch.Tensor, groups: list | None = None) -> torch.Tensor:
+        """A decode step for sequences whose block tables exist only on the device: each new row
+        i forks row `parent_rows[i]` of the previous decode step (chosen on the device, as beam
+        search's survivors are) and feeds `input_ids[i]` at position `positions[i]`. It holds the
+        parent's full blocks, then the reserved block `tails[i]`, into which the parent's partial
+        last block (if any) is copied before the forward; the host mirrors this afterwards with
+        `BlockAllocator.fork_with_tail`. `groups`: shared-prefix groups over the new rows (shared
+        blocks that every member's parent holds), used when the cascade pays. Returns logits [S, V].
+        """
+        previous = self._last_rows
+        if previous is None:
+            raise RuntimeError("decode_forked must follow a decode step (it forks that step's rows)")
+        n, bs, device = len(tails), self.block_size, self.device
+        if not (parent_rows.shape == (n,) == input_ids.shape) or len(positions) != n:
+            raise ValueError(f"decode_forked got {n} tails, {len(positions)} positions, parent rows of "
+                             f"shape {tuple(parent_rows.shape)} and input ids of shape {tuple(input_ids.shape)}")
+        columns = [p // bs for p in positions]
+        copied = [p % bs != 0 for p in positions]  # a partial block to carry over into the tail
+        width = max(previous.shape[1], max(columns) + 1)
+        rows = previous.index_select(0, parent_rows)
+        if width > previous.shape[1]:
+            rows = torch.nn.functional.pad(rows, (0, width - previous.shape[1]))
+        host = upload(columns + tails + copied, device, torch.int64)
+        column, tail, copy = host[:n, None], host[n : 2 * n, None], host[2 * n :]
+        source = rows.gather(1, column).squeeze(1).long().masked_fill_(copy == 0, -1)
+        rows.scatter_(1, column, tail.to(rows.dtype))
+        slots = [t * bs + p % bs for t, p in zip(tails, positions)]
+        context_lens = [p + 1 for p in positions]
+        groups = self._worth_a_cascade(groups or [])
+        if self.graphs is not None and self.graphs.fits(n, width):
+            from sharedecode.cuda_graphs import DeviceRows
+
+            staged = DeviceRows(rows, source, [t if c else -1 for t, c in zip(tails, copied)])
+            out = self.graphs.run([0] * n, positions, slots, staged, context_lens, groups, input_ids=input_ids)
+        else:
+            if any(copied):
+                pick = upload([i for i, c in enumerate(copied) if c], device, torch.int64)
+                self._copy_block_tensors(source.index_select(0, pick), tail.squeeze(1).index_select(0, pick))
+            out = self._forward(input_ids, positions, slots, None, context_lens, [1] * n, None, is_decode=True,
+                                prefix_groups=self._prefix_groups(groups, context_lens), block_tables=rows)
+        self._last_rows = rows
         return out
 
     def _apply_copies(self) -> None:
@@ -346,10 +400,14 @@ class Engine:
             return
         # One non-blocking upload of both id lists (no host sync in the decode loop).
         ids = upload([s for s, _ in copies] + [d for _, d in copies], self.device, torch.int64)
-        src, dst = ids[: len(copies)], ids[len(copies):]
-        # The Triton copy is one launch (the torch version's indexing costs ~0.2 ms of host time)
-        # but copies in parallel, so it needs sources that no pair of the batch writes.
-        if self.backend == "triton" and not {s for s, _ in copies} & {d for _, d in copies}:
+        disjoint = not {s for s, _ in copies} & {d for _, d in copies}
+        self._copy_block_tensors(ids[: len(copies)], ids[len(copies):], disjoint)
+
+    def _copy_block_tensors(self, src: torch.Tensor, dst: torch.Tensor, disjoint: bool = True) -> None:
+        """Copy blocks src[i] -> dst[i] (device tensors). The Triton copy is one launch (the torch
+        version's indexing costs ~0.2 ms of host time) but copies in parallel, so it needs sources
+        that no pair of the batch writes (`disjoint`)."""
+        if self.backend == "triton" and disjoint:
             from sharedecode.kernels.kv_cache_ops import copy_blocks
 
             copy_blocks(self.pool.tensor, src, dst)
@@ -357,14 +415,20 @@ class Engine:
             self.pool.copy_blocks(src, dst)
 
     def _forward(self, ids, positions, slots, tables, context_lens, query_lens, keep, *, is_decode,
-                 prefix_groups: PrefixGroups | None = None):
+                 prefix_groups: PrefixGroups | None = None, block_tables: torch.Tensor | None = None):
+        """One forward over the tables' new tokens (`block_tables`: their rows already on the device)."""
         self._apply_copies()
         device = self.device
         i32, i64 = torch.int32, torch.int64
         # Inputs through `upload`: non-blocking copies (torch.tensor(list, device=cuda) copies from
         # pageable memory and so waits for the device), read by this forward's kernels at once.
-        width = max(len(t.block_ids) for t in tables)
-        block_tables = upload(flat_rows([t.block_ids for t in tables], width), device, i32).view(len(tables), width)
+        if block_tables is None:
+            width = max(len(t.block_ids) for t in tables)
+            block_tables = upload(flat_rows([t.block_ids for t in tables], width), device, i32)
+            block_tables = block_tables.view(len(tables), width)
+        # A decode step's rows stay for `decode_forked` (a copy: `upload`'s ring is reused later).
+        self._last_rows = block_tables.clone() if is_decode and device.type == "cuda" else \
+            block_tables if is_decode else None
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)

@@ -69,6 +69,8 @@ class Request:
         self.done = False
         self.steps_in_flight = 0  # decode steps launched whose results this request has not read
 
+    fills_pending_tokens = True  # steps launched ahead append PENDING_TOKEN, filled in by `_finish`
+
     def can_look_ahead(self) -> bool:
         """Whether its next step may be launched before this step's results are read: its inputs
         are then the chosen tokens still on the device (`chosen_tokens`), and this step's
@@ -364,6 +366,14 @@ class Scheduler:
         token `step` chose for it, still on the device (placeholders in the block tables until
         `_finish` fills them in). None when its blocks do not fit (the next call launches it the
         ordinary way, preempting if it must)."""
+        decode_ahead = getattr(type(running[0]), "decode_ahead", None)
+        if decode_ahead is not None:  # (beam search: the block tables follow on the device too)
+            logits = decode_ahead(self.engine, running, step)
+            if logits is None:
+                return None
+            self.stats.decode_steps += 1
+            self._track_peak(running)
+            return self._queue_choice(running, logits)
         chosen = type(running[0]).chosen_tokens(step.flat)
         launched = [b for rows in step.rows for b in rows]
         branches = [b for r in running for b in r.pending]
@@ -417,7 +427,7 @@ class Scheduler:
             else:  # branches that stopped at an earlier step still have rows here
                 request.step_host(engine, host[span[0] : span[1]], rows)
             offset += len(rows)
-        if ahead is not None:
+        if ahead is not None and type(ahead.requests[0]).fills_pending_tokens:
             live = [b for rows in ahead.rows for b in rows if b.table is not None]
             engine.allocator.fill_last_tokens([b.table for b in live], [b.next_token for b in live])
 

@@ -1116,3 +1116,72 @@ def test_append_tokens_rejects_a_freed_table_and_mismatched_lengths():
     live = allocator.allocate([1, 2, 3])
     with pytest.raises(ValueError):
         allocator.append_tokens([live], [5, 6])
+
+
+# ====================================================================== beams launched ahead
+def test_fork_with_tail_holds_the_parents_full_blocks_then_the_reserved_tail():
+    """Beam search launched ahead: each child is the parent's full blocks plus a reserved block
+    that the device filled (a copy of the parent's partial block, or a fresh block), with the
+    parent's tokens plus its own; freeing the parents afterwards leaves a consistent cache."""
+    rng = random.Random(3)
+    for trial in range(60):
+        bs = rng.choice([1, 2, 4, 8])
+        alloc = BlockAllocator(num_blocks=200, block_size=bs)
+        parents = [alloc.allocate([rng.randrange(9) for _ in range(rng.randint(1, 20))])]
+        for _ in range(rng.randint(0, 3)):
+            child = alloc.fork(parents[0])
+            alloc.append(child, [rng.randrange(9)])
+            parents.append(child)
+        for table in parents:
+            alloc.mark_computed(table)
+        alloc.take_copies()  # (the setup's copy-on-write copies)
+        free_before = alloc.num_free_blocks
+        tails = alloc.reserve(len(parents) + 1)
+        assert alloc.num_free_blocks == free_before - len(tails)
+        alloc.check()  # reserved blocks are held, by no table
+        choice = [rng.randrange(len(parents)) for _ in range(len(parents))]
+        children = []
+        for parent_index, tail in zip(choice, tails):
+            parent = parents[parent_index]
+            token = rng.randrange(9)
+            child = alloc.fork_with_tail(parent, tail, token)
+            full = parent.num_tokens // bs
+            assert child.block_ids == parent.block_ids[:full] + [tail]
+            assert child.token_ids == parent.token_ids + [token]
+            children.append(child)
+        alloc.unreserve(tails[len(parents):])
+        assert not alloc.reserved and not alloc.pending_copies
+        for parent in parents:
+            alloc.free(parent)
+        alloc.mark_all_computed(children)
+        alloc.check()
+        for child in children:
+            alloc.free(child)
+        alloc.check()
+        assert alloc.num_blocks_in_use == 0
+
+
+def test_a_tail_that_completes_its_block_is_hashed_for_reuse():
+    alloc = BlockAllocator(num_blocks=8, block_size=4)
+    parent = alloc.allocate([5, 6, 7])
+    alloc.mark_computed(parent)
+    (tail,) = alloc.reserve(1)
+    child = alloc.fork_with_tail(parent, tail, 8)
+    alloc.mark_computed(child)
+    alloc.free(parent)
+    alloc.free(child)
+    assert alloc.allocate([5, 6, 7, 8, 9]).block_ids[0] == tail  # the full block is found cached
+
+
+def test_reserve_checks_room_and_the_tail_must_be_reserved():
+    alloc = BlockAllocator(num_blocks=4, block_size=4)
+    parent = alloc.allocate([1, 2, 3, 4, 5])
+    with pytest.raises(KVCacheFull):
+        alloc.reserve(3)
+    assert alloc.num_free_blocks == 2 and not alloc.reserved
+    with pytest.raises(ValueError, match="not reserved"):
+        alloc.fork_with_tail(parent, 3, 7)
+    alloc.reserve(2)
+    alloc.free_all()  # reserved blocks go back too
+    alloc.check()
+    assert alloc.num_free_blocks == 4

@@ -182,3 +182,92 @@ def test_no_step_is_wasted_when_no_sequence_can_stop_early(model, max_new_tokens
     assert_same(ahead, run(make, prompts_for(8, 3), False, stepped_calls))
     assert len(ahead_calls) == len(stepped_calls) == max_new_tokens - 1
     assert sum(ahead_calls) == max(0, max_new_tokens - 2)
+
+
+# ---------------------------------------------------------------- beam search launched ahead
+def beam_run(model, prompts, look_ahead: bool, kv_bytes: int = 2**20, **params):
+    """Beam search on a fresh engine; returns the results and how many steps were forked ahead."""
+    from sharedecode.strategies import BeamSearch
+
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=kv_bytes, look_ahead=look_ahead)
+    forked = []
+    original = engine.decode_forked
+
+    def decode_forked(*args, **kwargs):
+        forked.append(len(args[2]))
+        engine.allocator.check()  # the reserved tails are held, by no table
+        return original(*args, **kwargs)
+
+    engine.decode_forked = decode_forked
+    results = BeamSearch(engine, **params).run(prompts)
+    assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
+    engine.allocator.check()
+    return [[(s.token_ids, s.finish_reason, s.score) for s in r.sequences] for r in results], forked
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_beam_search_ahead_gives_the_results_of_stepping_one_at_a_time(model, seed):
+    """The survivors chosen on the device, their tables made on the device and mirrored by the
+    host a step later: the same beams and scores (bit for bit: the batch is the same) as stepping,
+    with searches that end early (EOS, early stopping) discarding their step launched ahead."""
+    rng = random.Random(seed)
+    num_beams = rng.randint(2, 5)
+    max_new_tokens = rng.randint(1, 16)
+    params = dict(num_beams=num_beams, max_new_tokens=max_new_tokens,
+                  min_new_tokens=rng.randint(0, min(3, max_new_tokens)),
+                  length_penalty=rng.choice([1.0, 0.0, 2.0, -1.0]),
+                  early_stopping=rng.choice([True, False, "never"]),
+                  num_return_sequences=rng.randint(1, num_beams), eos_token_id=EOS)
+    prompts = prompts_for(seed, rng.randint(1, 4))
+    ahead, forked = beam_run(model, prompts, True, **params)
+    assert ahead == beam_run(model, prompts, False, **params)[0]
+    if max_new_tokens >= 4:
+        assert forked, "no step was launched ahead"
+
+
+def test_beam_search_ahead_without_room_falls_back_to_stepping(model):
+    # room for the beams to grow but not always for a whole step's reserved blocks on top
+    per_block = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20).layout.bytes_per_block
+    params = dict(num_beams=4, max_new_tokens=14, min_new_tokens=14, eos_token_id=EOS)
+    prompts = prompts_for(11, 3)
+    ahead, forked = beam_run(model, prompts, True, kv_bytes=per_block * 36, **params)
+    assert ahead == beam_run(model, prompts, False, kv_bytes=per_block * 36, **params)[0]
+    assert forked
+
+
+def test_no_beam_look_ahead_with_stop_strings_or_a_penalty(model):
+    from sharedecode.strategies import BeamSearch
+
+    _, forked = beam_run(model, prompts_for(2, 2), True, num_beams=3, max_new_tokens=8, repetition_penalty=1.2)
+    assert not forked
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=True)
+    request = BeamSearch(engine, num_beams=3, max_new_tokens=8).make_request([5, 6, 7])
+    request.steps_in_flight = 1
+    assert request.can_look_ahead()
+    request.rule.stop_strings = ["x"]  # (stop strings need each beam's text on the host)
+    assert not request.can_look_ahead()
+    request.rule.stop_strings = []
+    request.num_generated = 7  # the step in flight makes the 8th token: it ends the search
+    assert not request.can_look_ahead()
+
+
+@pytest.mark.parametrize("at", [2, 4, 7])
+def test_an_exception_with_beams_in_flight_frees_everything(model, monkeypatch, at):
+    from sharedecode.strategies import BeamSearch
+    from sharedecode.strategies.beam_search import BeamRequest
+
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=True)
+    original = BeamRequest._step_launched_ahead
+    calls = [0]
+
+    def failing(self, *args):
+        calls[0] += 1
+        if calls[0] == at:
+            raise RuntimeError("boom")
+        return original(self, *args)
+
+    monkeypatch.setattr(BeamRequest, "_step_launched_ahead", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        BeamSearch(engine, num_beams=3, max_new_tokens=12, min_new_tokens=12).run(prompts_for(6, 2))
+    assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
+    engine.allocator.check()

@@ -21,11 +21,12 @@ from functools import lru_cache
 
 import torch
 
+from sharedecode.block_allocator import PENDING_TOKEN, KVCacheFull
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
 from sharedecode.sampling import apply_repetition_penalty, ban_tokens_
 from sharedecode.uploads import upload
-from sharedecode.scheduler import Branch, Request
+from sharedecode.scheduler import Branch, LaunchedStep, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
 
@@ -135,6 +136,20 @@ class BeamRequest(Request):
         self.is_finished: list[bool] = [False] * k
         self.heuristic_unsatisfied = True
         self.num_generated = 0
+        # Launched ahead (see `decode_ahead`): the reserved last blocks of the step in flight, and
+        # the running scores its device part starts from (a tensor shared by the group, and the
+        # offset of this request's k scores in it).
+        self.ahead_tails: list[int] | None = None
+        self.device_running: tuple[torch.Tensor, int] | None = None
+
+    fills_pending_tokens = False  # its steps launched ahead feed known tokens (`decode_ahead`)
+
+    def can_look_ahead(self) -> bool:
+        # The penalty and stop strings need each beam's tokens on the host; the step ahead must
+        # still be needed (a step that reaches max_new_tokens finishes the search).
+        s = self.strategy
+        return (s.repetition_penalty == 1.0 and not self.rule.stop_strings and not self.done
+                and self.num_generated + self.steps_in_flight < self.rule.max_new_tokens)
 
     def begin(self, engine: Engine, table) -> None:
         # k rows over the one table (scores 0, NEG, ...): the first step's survivors fork it
@@ -166,22 +181,156 @@ class BeamRequest(Request):
         if s.repetition_penalty != 1.0:
             histories = [r.prompt + g for r in requests for g in r.running_generated]
             log_probs = apply_repetition_penalty(log_probs, histories, s.repetition_penalty)
-        banned = [rule.bans_eos(r.num_generated) for r in requests]
+        banned = [rule.bans_eos(r.num_generated + r.steps_in_flight) for r in requests]
         if any(banned):
             rows = None if all(banned) else \
                 upload([flag for flag in banned for _ in range(k)], log_probs.device, torch.bool)
             log_probs = ban_tokens_(log_probs, rule.eos_token_ids, rows)  # log_probs is ours
-        running = upload([x for r in requests for x in r.running_scores], log_probs.device, torch.float32)
-        topk_log_probs, topk_indices = top_candidates(log_probs, running, len(requests), first.beams_to_keep,
+        running = BeamRequest._running_scores(requests, log_probs.device)
+        keep = first.beams_to_keep
+        topk_log_probs, topk_indices = top_candidates(log_probs, running, len(requests), keep,
                                                       per_row_first=log_probs.is_cuda)
         for request in requests:
             request.vocab = vocab
-        flat = torch.cat((topk_log_probs.double(), topk_indices.double()), dim=1).reshape(-1)
-        return flat, [2 * first.beams_to_keep] * len(requests)
+        parts = [topk_log_probs.double(), topk_indices.double()]
+        if first.strategy.engine.look_ahead and all(r.can_look_ahead() for r in requests):
+            parts += BeamRequest._device_choice(topk_log_probs, topk_indices, vocab, rule.eos_token_ids, k)
+        flat = torch.cat(parts, dim=1)
+        return flat.reshape(-1), [flat.shape[1]] * len(requests)
 
-    def step_host(self, engine: Engine, top: list[float]) -> None:
-        """The rest of the step, on `step_device`'s result moved to the host (as a list)."""
-        self._step_tables(engine, [b.table for b in self.pending], top)
+    @staticmethod
+    def _running_scores(requests: list["BeamRequest"], device: torch.device) -> torch.Tensor:
+        """The requests' running scores [R * k] on the device: from the host, or, for a step
+        launched ahead, the scores its previous step's device choice kept."""
+        held = [r.device_running for r in requests]
+        for request in requests:
+            request.device_running = None
+        if held[0] is None:
+            return upload([x for r in requests for x in r.running_scores], device, torch.float32)
+        scores, _ = held[0]
+        k = requests[0].num_beams
+        if all(h is not None and h[0] is scores for h in held) and [h[1] for h in held] == \
+                list(range(0, k * len(requests), k)) and scores.numel() == k * len(requests):
+            return scores
+        index = upload([h[1] + j for h in held for j in range(k)], device, torch.int64)
+        return scores.index_select(0, index)
+
+    @staticmethod
+    def _device_choice(values: torch.Tensor, indices: torch.Tensor, vocab: int, eos: list[int],
+                       k: int) -> list[torch.Tensor]:
+        """HF's choice of the beams that keep running, on the device: the best k candidates after
+        those ending in EOS are pushed down by NEG (float32, as HF adds them). Returns [R, k] each:
+        the chosen candidates' positions among the top-K, and their running scores (float64)."""
+        running = values
+        if eos:
+            ends = torch.zeros_like(values)
+            for token in eos:  # (a column at a time: no sync, no index tensor)
+                ends += (torch.remainder(indices, vocab) == token).to(values.dtype)
+            running = values + ends.clamp_(max=1.0) * NEG
+        kept, chosen = torch.topk(running, k, dim=1)
+        return [chosen.double(), kept.double()]
+
+    def step_host(self, engine: Engine, top: list[float], rows=None) -> None:
+        """The rest of the step, on `step_device`'s result moved to the host (as a list). (`rows`:
+        the branches as launched; a beam request's rows are always its k pending beams.)"""
+        if self.ahead_tails is not None:
+            self._step_launched_ahead(engine, top)
+        else:
+            self._step_tables(engine, [b.table for b in self.pending], top)
+
+    def _step_launched_ahead(self, engine: Engine, top: list[float]) -> None:
+        """`step_host` while the next step is already on the device (`decode_ahead`): each
+        survivor's table is made as the device made it, its parent's full blocks and one reserved
+        block (`fork_with_tail`); then every parent is freed, and so is every reserved block not
+        handed over (all of them when the search is done)."""
+        allocator = engine.allocator
+        parents = [b.table for b in self.pending]
+        tails, self.ahead_tails = self.ahead_tails, None
+        used = 0
+        try:
+            survivors = self._select(top)
+            self.pending = []
+            for (beam, token), tail in zip(survivors, tails):
+                self.pending.append(Branch(allocator.fork_with_tail(parents[beam], tail, token), PENDING_TOKEN))
+                used += 1
+            allocator.mark_all_computed([b.table for b in self.pending])  # (written by the queued step)
+        finally:
+            allocator.unreserve(tails[used:])
+            for table in parents:
+                engine.free(table)
+
+    def release(self, engine: Engine) -> None:
+        super().release(engine)
+        if self.ahead_tails is not None:
+            engine.allocator.unreserve(self.ahead_tails)
+            self.ahead_tails = None
+        self.device_running = None
+
+    @staticmethod
+    def decode_ahead(engine: Engine, requests: list["BeamRequest"], step: LaunchedStep) -> torch.Tensor | None:
+        """Launch the step after `step` before its results reach the host: the survivors that
+        `step`'s device part chose (`_device_choice`) feed their tokens, their block tables are
+        made on the device from `step`'s rows (`Engine.decode_forked`: the parent's full blocks,
+        then a reserved block holding a copy of the parent's partial one), and their running
+        scores stay on the device for this step's own device part. The host catches up in
+        `_step_launched_ahead`; a search found done there discards this step's rows. None (nothing
+        launched) when the requests do not form one group with the choice in `step`'s results, or
+        the reserved blocks do not fit."""
+        first = requests[0]
+        k, keep = first.num_beams, first.beams_to_keep
+        width = 2 * keep + 2 * k
+        launched = step.requests
+        if step.flat is None or any(type(r) is not BeamRequest or r.strategy is not first.strategy
+                                    for r in launched) or step.flat.numel() != width * len(launched):
+            return None
+        bs = engine.block_size
+        n = k * len(requests)
+        try:
+            tails = engine.allocator.reserve(n)
+        except KVCacheFull:
+            return None
+        try:
+            results = step.flat.view(len(launched), width)
+            if len(requests) != len(launched):
+                where = {id(r): i for i, r in enumerate(launched)}
+                order = [where[id(r)] for r in requests]
+                results = results.index_select(0, upload(order, results.device, torch.int64))
+            else:
+                order = list(range(len(requests)))
+            candidates = results[:, keep : 2 * keep].long()
+            chosen = results[:, 2 * keep : 2 * keep + k].long()
+            picked = candidates.gather(1, chosen)
+            vocab = first.vocab
+            first_rows = upload([i * k for i in order], results.device, torch.int64)
+            parent_rows = (torch.div(picked, vocab, rounding_mode="floor") + first_rows[:, None]).reshape(-1)
+            tokens = torch.remainder(picked, vocab).reshape(-1)
+            running = results[:, 2 * keep + k :].float().reshape(-1)
+            positions = [r.pending[0].table.num_tokens for r in requests for _ in range(k)]
+            groups = BeamRequest._ahead_groups(engine, requests)
+            logits = engine.decode_forked(parent_rows, positions, tails, tokens, groups)
+        except BaseException:
+            engine.allocator.unreserve(tails)
+            raise
+        for i, request in enumerate(requests):
+            request.ahead_tails = tails[i * k : (i + 1) * k]
+            request.device_running = (running, i * k)
+        return logits
+
+    @staticmethod
+    def _ahead_groups(engine: Engine, requests: list["BeamRequest"]) -> list:
+        """Shared-prefix groups for a step launched ahead, from the beams' current tables: a group
+        that holds whole requests stays valid for their survivors (each holds its parent's full
+        blocks), with their rows in the same places; a group that splits a request is left out."""
+        if not engine.shared_prefix:
+            return []
+        from sharedecode.kernels.shared_prefix import group_shared_prefixes
+
+        k = requests[0].num_beams
+        tables = [b.table for r in requests for b in r.pending]
+        groups = group_shared_prefixes([t.block_ids for t in tables], [t.num_tokens for t in tables],
+                                       engine.block_size)
+        return [(members, shared) for members, shared in groups
+                if len(members) == k * len({m // k for m in members})]
 
     def _step_tables(self, engine: Engine, parents: list, top: list[float]) -> None:
         """Select from `top` and branch the survivors out of `parents` (the tables of the rows the
@@ -222,9 +371,8 @@ class BeamRequest(Request):
         is the correctly rounded float32 result), and each top-k is `topk_indices` (torch's answer,
         ties included). Plain Python on these few numbers costs far less than ~30 tiny torch ops."""
         s, k, keep = self.strategy, self.num_beams, self.beams_to_keep
-        values = top
-        scores = values[:keep]  # float32 values (exact in float64)
-        beam_of, token_of = zip(*(divmod(int(i), self.vocab) for i in values[keep:]))
+        scores = top[:keep]  # float32 values (exact in float64)
+        beam_of, token_of = zip(*(divmod(int(i), self.vocab) for i in top[keep : 2 * keep]))
         generated = self.running_generated
         reasons = self._finish_reasons(beam_of, token_of)
         hits = [r is not None for r in reasons]
@@ -232,7 +380,10 @@ class BeamRequest(Request):
         # The best num_beams unfinished candidates keep running (x + -0.0 is x: nothing to round
         # when no candidate finished).
         running = to_f32([x + neg_if(h) for x, h in zip(scores, hits)]) if any(hits) else scores
-        next_indices = topk_indices(running, k)
+        if len(top) > 2 * keep:  # the device made this choice (`_device_choice`): the same one
+            next_indices = [int(i) for i in top[2 * keep : 2 * keep + k]]
+        else:
+            next_indices = topk_indices(running, k)
 
         # Finished candidates among the top num_beams compete with earlier finished beams.
         did_finish = [h and rank < k for rank, h in enumerate(hits)]

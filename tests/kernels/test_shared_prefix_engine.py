@@ -396,3 +396,44 @@ def test_graph_path_takes_look_ahead_tokens_from_the_device(model, monkeypatch):
     assert [r.sequences[0].token_ids for r in ours] == [r.sequences[0].token_ids for r in theirs]
     assert sum(fed) == 4 and len(fed) == 5  # steps 2-6 are decodes; all but the first ahead
     assert engine.kv_stats().blocks_in_use == 0
+
+
+def test_graph_path_takes_beams_forked_on_the_device(model, monkeypatch):
+    """Beam search launched ahead on the graph path: block tables made on the device and written
+    into the static table, the parents' partial blocks copied into the reserved tails by the
+    graph's own copy, shared-prefix groups over whole requests. Same beams as stepping on the
+    same engine kind, and every block back at the end."""
+    from sharedecode.strategies import BeamSearch
+
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(3, VOCAB, (13,), generator=g).tolist()
+    prompts = [system + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (2, 9, 4)]
+
+    def run(look_ahead):
+        engine, keys = graph_engine(model, monkeypatch)
+        engine.look_ahead = look_ahead
+        staged = []
+        stage = engine.graphs.stage
+
+        def recording_stage(token_ids, positions, slots, tables, *args, **kwargs):
+            staged.append(tables)
+            key = stage(token_ids, positions, slots, tables, *args, **kwargs)
+            if not isinstance(tables, list):  # the static table holds the device rows
+                assert torch.equal(engine.graphs.block_tables[: len(token_ids), : tables.rows.shape[1]],
+                                   tables.rows)
+            return key
+
+        monkeypatch.setattr(engine.graphs, "stage", recording_stage)
+        results = BeamSearch(engine, num_beams=3, max_new_tokens=5, min_new_tokens=5,
+                             num_return_sequences=3).run(prompts)
+        assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
+        return results, staged, keys
+
+    ahead, staged, keys = run(True)
+    stepped, _, _ = run(False)
+    for a, b in zip(ahead, stepped):
+        assert [s.token_ids for s in a.sequences] == [s.token_ids for s in b.sequences]
+        assert [s.score for s in a.sequences] == pytest.approx([s.score for s in b.sequences], rel=1e-5)
+    forked = [not isinstance(t, list) for t in staged]
+    assert sum(forked) == 3 and not forked[0]  # decodes 1-4: all but the first launched ahead
+    assert any(key.chunks for key, f in zip(keys, forked) if f)  # groups in the steps ahead
