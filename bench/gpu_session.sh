@@ -10,6 +10,8 @@
 #                                               #   host hot spots, M2 W-beam-batch
 #   COMMIT=<sha> bash bench/gpu_session.sh 4    # ~6 min: fused top-p sampling (kernel tests on the
 #                                               #   GPU, kernel vs torch ops, W-sample end to end)
+#   COMMIT=<sha> bash bench/gpu_session.sh 5    # ~8 min: beam search launched ahead (GPU check
+#                                               #   against stepping; W-beam rows with it ablated)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -51,8 +53,13 @@ case "${1:-1}" in
     run 240 e2e-sample python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only W-sample --ablate-fused-top-p --time-budget 200 --out "$OUT/e2e-M1-sample-$COMMIT.json"
     ;;
+5)
+    run 200 check-beams python bench/check_decode_gpu.py --only beams
+    run 330 e2e-beam python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only W-beam --ablate-look-ahead --time-budget 300 --out "$OUT/e2e-M1-beam-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5" >&2
     exit 2
     ;;
 esac
