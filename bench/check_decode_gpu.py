@@ -9,8 +9,9 @@ every step took the cascade (eager) or a group graph (graphs), and exits 1 on an
 look_ahead: greedy and seeded sampling (with EOS stops at different steps) with the scheduler's
 look-ahead on and off, through CUDA graphs (compiled) and Triton eager: the same tokens, every
 block freed, and steps really launched ahead.
-beams: beam search through CUDA graphs with the CUDA path's two-stage top-K (each row's best, then
-the request's) against the flat top-K over k x V: the same tokens and scores; HF generate's
+beams: beam search through CUDA graphs with the CUDA path's kernels (kernels/beam_select.py), its
+torch ops with the two-stage top-K (each row's best, then the request's) and the flat top-K over
+k x V: the same tokens and scores; HF generate's
 tokens on the same fp32 model are printed beside them. Then steps launched ahead (survivors and
 block tables made on the device) against reading each step first, with and without graphs and
 with the cascade forced on: the same tokens and scores, every block freed.
@@ -229,17 +230,18 @@ def check_beams() -> bool:
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 250, (int(n),), generator=gen).tolist() for n in (40, 300, 17)]
     engine = Engine(model, backend="triton", kv_cache_bytes=2**30)
-    two_stage = beam_search.top_candidates
+    two_stage, on_kernels = beam_search.top_candidates, beam_search._on_kernels
     outcomes = {}
-    for name, per_row in (("two-stage", True), ("flat", False)):
+    for name, kernels, per_row in (("kernels", True, True), ("two-stage", False, True), ("flat", False, False)):
         beam_search.top_candidates = lambda lp, r, n, keep, per_row_first, f=two_stage, p=per_row: f(lp, r, n, keep, p)
+        beam_search._on_kernels = lambda tensor, use=kernels: use and tensor.is_cuda
         try:
             results = [BeamSearch(engine, num_beams=k, max_new_tokens=30, eos_token_id=2, num_return_sequences=2)
                        .run(prompts) for k in (4, 8)]
         finally:
-            beam_search.top_candidates = two_stage
+            beam_search.top_candidates, beam_search._on_kernels = two_stage, on_kernels
         outcomes[name] = [[(s.token_ids, round(s.score, 5)) for s in r.sequences] for rs in results for r in rs]
-    ok = outcomes["two-stage"] == outcomes["flat"] and engine.kv_stats().blocks_in_use == 0
+    ok = outcomes["two-stage"] == outcomes["flat"] == outcomes["kernels"] and engine.kv_stats().blocks_in_use == 0
     # Steps launched ahead (survivors and block tables made on the device; on by default on CUDA)
     # against reading each step's results first, with and without graphs, and with the cascade
     # forced on so that the steps ahead take shared-prefix groups too.
@@ -274,10 +276,10 @@ def check_beams() -> bool:
             out = model.generate(torch.tensor([prompt], device="cuda"), num_beams=k, do_sample=False,
                                  max_new_tokens=30, eos_token_id=2, pad_token_id=0, num_return_sequences=2,
                                  early_stopping=False)
-            ours = outcomes["two-stage"][(0 if k == 4 else 1) * len(prompts) + i]
+            ours = outcomes["kernels"][(0 if k == 4 else 1) * len(prompts) + i]
             theirs = [[t for t in row[len(prompt):].tolist() if t != 0] for row in out]
             hf_same += [o[0] for o in ours] == theirs
-    print(f"beams: two-stage top-K {'identical to' if ok else 'DIFFERS from'} the flat top-K; "
+    print(f"beams: kernels, two-stage and flat top-K {'identical' if ok else 'DIFFER'}; "
           f"HF generate's tokens equal ours for {hf_same} of {2 * len(prompts)} prompts", flush=True)
     return ok
 

@@ -54,6 +54,7 @@ case "${1:-1}" in
         --only W-sample --ablate-fused-top-p --time-budget 200 --out "$OUT/e2e-M1-sample-$COMMIT.json"
     ;;
 5)
+    run 60 beam-kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_beam_select.py
     run 200 check-beams python bench/check_decode_gpu.py --only beams
     run 330 e2e-beam python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only W-beam --ablate-look-ahead --time-budget 300 --out "$OUT/e2e-M1-beam-$COMMIT.json"

@@ -348,45 +348,44 @@ class Engine:
 
         return prefix_groups_to_device(groups, context_lens, self.block_size, self.device)
 
-    def decode_forked(self, parent_rows: torch.Tensor, positions: list[int], tails: list[int],
+    @property
+    def last_block_tables(self) -> torch.Tensor:
+        """The block tables of the last decode step, on the device ([rows, width] int32): what
+        `decode_forked`'s new tables are made from."""
+        if self._last_rows is None:
+            raise RuntimeError("no decode step has run since the last prefill")
+        return self._last_rows
+
+    def decode_forked(self, rows: torch.Tensor, copy_src: torch.Tensor, positions: list[int], tails: list[int],
                       input_ids: torch.Tensor, groups: list | None = None) -> torch.Tensor:
-        """A decode step for sequences whose block tables exist only on the device: each new row
-        i forks row `parent_rows[i]` of the previous decode step (chosen on the device, as beam
-        search's survivors are) and feeds `input_ids[i]` at position `positions[i]`. It holds the
-        parent's full blocks, then the reserved block `tails[i]`, into which the parent's partial
-        last block (if any) is copied before the forward; the host mirrors this afterwards with
-        `BlockAllocator.fork_with_tail`. `groups`: shared-prefix groups over the new rows (shared
-        blocks that every member's parent holds), used when the cascade pays. Returns logits [S, V].
-        """
-        previous = self._last_rows
-        if previous is None:
-            raise RuntimeError("decode_forked must follow a decode step (it forks that step's rows)")
+        """A decode step for sequences whose block tables exist only on the device (beam search
+        launched ahead: each new table forks a row of `last_block_tables` chosen on the device).
+        `rows` [S, width] int32: the tables, each holding the reserved block `tails[i]` for the
+        token fed at `positions[i]` (`input_ids[i]`, on the device); `copy_src` [S] int64: the
+        block whose KV is copied into the tail first (the parent's partial last block), -1 where
+        the tail starts empty (positions[i] at a block boundary). The host mirrors these tables
+        afterwards (`BlockAllocator.fork_with_tail`). `groups`: shared-prefix groups over the rows
+        (blocks that every member holds), used when the cascade pays. Returns logits [S, V]."""
         n, bs, device = len(tails), self.block_size, self.device
-        if not (parent_rows.shape == (n,) == input_ids.shape) or len(positions) != n:
-            raise ValueError(f"decode_forked got {n} tails, {len(positions)} positions, parent rows of "
-                             f"shape {tuple(parent_rows.shape)} and input ids of shape {tuple(input_ids.shape)}")
-        columns = [p // bs for p in positions]
-        copied = [p % bs != 0 for p in positions]  # a partial block to carry over into the tail
-        width = max(previous.shape[1], max(columns) + 1)
-        rows = previous.index_select(0, parent_rows)
-        if width > previous.shape[1]:
-            rows = torch.nn.functional.pad(rows, (0, width - previous.shape[1]))
-        host = upload(columns + tails + copied, device, torch.int64)
-        column, tail, copy = host[:n, None], host[n : 2 * n, None], host[2 * n :]
-        source = rows.gather(1, column).squeeze(1).long().masked_fill_(copy == 0, -1)
-        rows.scatter_(1, column, tail.to(rows.dtype))
+        if rows.dim() != 2 or rows.shape[0] != n or copy_src.shape != (n,) or input_ids.shape != (n,) \
+                or len(positions) != n:
+            raise ValueError(f"decode_forked got {n} tails, {len(positions)} positions, rows "
+                             f"{tuple(rows.shape)}, copy_src {tuple(copy_src.shape)} and input ids "
+                             f"{tuple(input_ids.shape)}")
+        copied = [p % bs != 0 for p in positions]  # a partial block carried over into the tail
         slots = [t * bs + p % bs for t, p in zip(tails, positions)]
         context_lens = [p + 1 for p in positions]
         groups = self._worth_a_cascade(groups or [])
-        if self.graphs is not None and self.graphs.fits(n, width):
+        if self.graphs is not None and self.graphs.fits(n, rows.shape[1]):
             from sharedecode.cuda_graphs import DeviceRows
 
-            staged = DeviceRows(rows, source, [t if c else -1 for t, c in zip(tails, copied)])
+            staged = DeviceRows(rows, copy_src, [t if c else -1 for t, c in zip(tails, copied)])
             out = self.graphs.run([0] * n, positions, slots, staged, context_lens, groups, input_ids=input_ids)
         else:
             if any(copied):
-                pick = upload([i for i, c in enumerate(copied) if c], device, torch.int64)
-                self._copy_block_tensors(source.index_select(0, pick), tail.squeeze(1).index_select(0, pick))
+                pick = [i for i, c in enumerate(copied) if c]
+                ids = upload(pick + [tails[i] for i in pick], device, torch.int64)
+                self._copy_block_tensors(copy_src.index_select(0, ids[: len(pick)]), ids[len(pick):])
             out = self._forward(input_ids, positions, slots, None, context_lens, [1] * n, None, is_decode=True,
                                 prefix_groups=self._prefix_groups(groups, context_lens), block_tables=rows)
         self._last_rows = rows

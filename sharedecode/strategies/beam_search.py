@@ -25,12 +25,28 @@ from sharedecode.block_allocator import PENDING_TOKEN, KVCacheFull
 from sharedecode.engine import Engine
 from sharedecode.results import GeneratedSequence
 from sharedecode.sampling import apply_repetition_penalty, ban_tokens_
-from sharedecode.uploads import upload
+from sharedecode.uploads import to_device, upload
 from sharedecode.scheduler import Branch, LaunchedStep, Request
 from sharedecode.strategies.base import StopRule, Strategy, check_float, check_int
 from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
 
 NEG = -1.0e9  # HF's "impossible" score (a float32 value)
+_eos_tensors: dict[tuple, torch.Tensor] = {}
+
+
+def _on_kernels(tensor: torch.Tensor) -> bool:
+    """Whether beam search's device work runs as the Triton kernels of `kernels/beam_select.py`
+    (CUDA: a few launches instead of ~45 small ops). The CPU keeps HF's flat top-k (exact HF tie
+    order) and torch ops."""
+    return tensor.is_cuda
+
+
+def _eos_on(device: torch.device, rule: StopRule) -> torch.Tensor:
+    """The EOS ids as a device tensor, made once per (ids, device)."""
+    key = (tuple(rule.eos_token_ids), device)
+    if key not in _eos_tensors:
+        _eos_tensors[key] = to_device(list(key[0]), device, torch.int64)
+    return _eos_tensors[key]
 
 
 # ------------------------------------------------------------------ float32 arithmetic on the host
@@ -188,10 +204,19 @@ class BeamRequest(Request):
             log_probs = ban_tokens_(log_probs, rule.eos_token_ids, rows)  # log_probs is ours
         running = BeamRequest._running_scores(requests, log_probs.device)
         keep = first.beams_to_keep
-        topk_log_probs, topk_indices = top_candidates(log_probs, running, len(requests), keep,
-                                                      per_row_first=log_probs.is_cuda)
         for request in requests:
             request.vocab = vocab
+        if _on_kernels(log_probs) and keep <= vocab:
+            # each row's best `keep`, then one launch for the rest (`kernels/beam_select.py`)
+            from sharedecode.kernels import beam_select
+
+            if k * keep <= beam_select.MAX_CANDIDATES:
+                row_values, row_tokens = torch.topk(log_probs, k=keep, dim=-1)
+                flat = beam_select.beam_candidates(row_values, row_tokens, running,
+                                                   _eos_on(log_probs.device, rule), vocab, k)
+                return flat.reshape(-1), [flat.shape[1]] * len(requests)
+        topk_log_probs, topk_indices = top_candidates(log_probs, running, len(requests), keep,
+                                                      per_row_first=log_probs.is_cuda)
         parts = [topk_log_probs.double(), topk_indices.double()]
         if first.strategy.engine.look_ahead and all(r.can_look_ahead() for r in requests):
             parts += BeamRequest._device_choice(topk_log_probs, topk_indices, vocab, rule.eos_token_ids, k)
@@ -278,10 +303,9 @@ class BeamRequest(Request):
         the reserved blocks do not fit."""
         first = requests[0]
         k, keep = first.num_beams, first.beams_to_keep
-        width = 2 * keep + 2 * k
         launched = step.requests
         if step.flat is None or any(type(r) is not BeamRequest or r.strategy is not first.strategy
-                                    for r in launched) or step.flat.numel() != width * len(launched):
+                                    for r in launched) or step.flat.numel() != (2 * keep + 2 * k) * len(launched):
             return None
         bs = engine.block_size
         n = k * len(requests)
@@ -290,24 +314,22 @@ class BeamRequest(Request):
         except KVCacheFull:
             return None
         try:
-            results = step.flat.view(len(launched), width)
-            if len(requests) != len(launched):
-                where = {id(r): i for i, r in enumerate(launched)}
-                order = [where[id(r)] for r in requests]
-                results = results.index_select(0, upload(order, results.device, torch.int64))
-            else:
-                order = list(range(len(requests)))
-            candidates = results[:, keep : 2 * keep].long()
-            chosen = results[:, 2 * keep : 2 * keep + k].long()
-            picked = candidates.gather(1, chosen)
-            vocab = first.vocab
-            first_rows = upload([i * k for i in order], results.device, torch.int64)
-            parent_rows = (torch.div(picked, vocab, rounding_mode="floor") + first_rows[:, None]).reshape(-1)
-            tokens = torch.remainder(picked, vocab).reshape(-1)
-            running = results[:, 2 * keep + k :].float().reshape(-1)
+            where = {id(r): i for i, r in enumerate(launched)}
+            order = [where[id(r)] for r in requests]
             positions = [r.pending[0].table.num_tokens for r in requests for _ in range(k)]
-            groups = BeamRequest._ahead_groups(engine, requests)
-            logits = engine.decode_forked(parent_rows, positions, tails, tokens, groups)
+            columns = [p // bs for p in positions]
+            copy = [int(p % bs != 0) for p in positions]
+            previous = engine.last_block_tables
+            width = max(previous.shape[1], max(columns) + 1)
+            meta = upload(order + columns + tails + copy, step.flat.device, torch.int32)
+            parts = [meta[: len(order)]] + [meta[len(order) + i * n : len(order) + (i + 1) * n] for i in range(3)]
+            from sharedecode.kernels import beam_select
+
+            fork = beam_select.fork_beam_rows if _on_kernels(step.flat) else beam_select.fork_beam_rows_torch
+            rows, copy_src, tokens, running = fork(step.flat.view(len(launched), -1), parts[0], previous,
+                                                   *parts[1:], first.vocab, k, width)
+            logits = engine.decode_forked(rows, copy_src, positions, tails, tokens,
+                                          BeamRequest._ahead_groups(engine, requests))
         except BaseException:
             engine.allocator.unreserve(tails)
             raise

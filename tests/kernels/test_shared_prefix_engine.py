@@ -437,3 +437,30 @@ def test_graph_path_takes_beams_forked_on_the_device(model, monkeypatch):
     forked = [not isinstance(t, list) for t in staged]
     assert sum(forked) == 3 and not forked[0]  # decodes 1-4: all but the first launched ahead
     assert any(key.chunks for key, f in zip(keys, forked) if f)  # groups in the steps ahead
+
+
+def test_beam_kernels_in_the_engine_give_the_torch_paths_beams(model, monkeypatch):
+    """The CUDA path of beam search (`beam_candidates` for the top-K and the running choice,
+    `fork_beam_rows` for the tables of each step launched ahead), run here through the
+    interpreter, against the CPU path's torch ops: the same beams and scores."""
+    from sharedecode.strategies import BeamSearch, beam_search
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 12)]
+
+    def run(kernels):
+        monkeypatch.setattr(beam_search, "_on_kernels", lambda tensor: kernels)
+        engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20, look_ahead=True)
+        forked = []
+        original = engine.decode_forked
+        engine.decode_forked = lambda *a, **kw: forked.append(1) or original(*a, **kw)
+        results = BeamSearch(engine, num_beams=3, max_new_tokens=5, eos_token_id=[4, 9]).run(prompts)
+        assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
+        return [[(s.token_ids, s.score) for s in r.sequences] for r in results], len(forked)
+
+    kernels, forked = run(True)
+    torch_ops, _ = run(False)
+    assert forked >= 2
+    for a, b in zip(kernels, torch_ops):
+        assert [s[0] for s in a] == [s[0] for s in b]
+        assert [s[1] for s in a] == pytest.approx([s[1] for s in b], rel=1e-6)
