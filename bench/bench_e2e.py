@@ -333,10 +333,10 @@ def main():
     parser.add_argument("--ablate-fused-top-p", action="store_true",
                         help="also time each sampling workload with the torch ops' sort-based top-p")
     parser.add_argument("--ablate-merge", action="store_true",
-                        help="also time the decode step with the split-KV merge, the split-K sum (and "
-                             "the KV write, off by default) as kernels of their own")
-    parser.add_argument("--kv-write-in-kernel", action="store_true",
-                        help="also time the decode step with the KV write folded into the attention kernel")
+                        help="also time the decode step with the split-KV merge, the split-K sum and "
+                             "the KV write as kernels of their own")
+    parser.add_argument("--ablate-kv-write", action="store_true",
+                        help="also time the decode step with the KV write as a kernel of its own")
     parser.add_argument("--pdl", action="store_true",
                         help="also time the decode step with programmatic dependent launch (off by default)")
     parser.add_argument("--ablate-skinny", action="store_true",
@@ -403,10 +403,10 @@ def main():
         if args.ablate_merge:
             variants.append(("split merge and split-K sum as kernels of their own", True, True, True,
                              (False, False, False, False)))
-        if args.kv_write_in_kernel:
-            variants.append(("KV write in the attention kernel", True, True, True, (True, True, True, False)))
+        if args.ablate_kv_write:
+            variants.append(("KV write as its own kernel", True, True, True, (True, True, False, False)))
         if args.pdl:
-            variants.append(("programmatic dependent launch", True, True, True, (True, True, False, True)))
+            variants.append(("programmatic dependent launch", True, True, True, (True, True, True, True)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
             for variant, compile_step, fuse, skinny, folds in variants:

@@ -5,7 +5,7 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 1    # ~7 min: GPU correctness (decode logits, beams,
 #                                               #   look-ahead; the kernel tests on compiled kernels)
 #   COMMIT=<sha> bash bench/gpu_session.sh 2    # ~7 min: M1 end to end (fused top-p ablated on the
-#                                               #   sampling rows; decode with the KV write folded)
+#                                               #   sampling rows; decode with the KV write separate)
 #   COMMIT=<sha> bash bench/gpu_session.sh 3    # ~8 min: decode-step folds (twice), W-beam timeline,
 #                                               #   host hot spots, M2 W-beam-batch
 #   COMMIT=<sha> bash bench/gpu_session.sh 4    # ~6 min: fused top-p sampling (kernel tests on the
@@ -35,12 +35,12 @@ case "${1:-1}" in
     ;;
 2)
     run 480 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-fused-top-p \
-        --kv-write-in-kernel --time-budget 420 --out "$OUT/e2e-M1-$COMMIT.json"
+        --ablate-kv-write --time-budget 420 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
 3)
     for i in 1 2; do
         run 150 "decode-folds-$i" python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --ablate-merge \
-            --kv-write-in-kernel --skip-hf-batch --out "$OUT/decode-folds-$COMMIT-$i.json"
+            --ablate-kv-write --skip-hf-batch --out "$OUT/decode-folds-$COMMIT-$i.json"
     done
     run 120 timeline python bench/step_timeline.py --only "W-beam k=8" --repeats 3 \
         --out "$OUT/timeline-M1-$COMMIT.json"

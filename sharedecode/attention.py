@@ -24,10 +24,10 @@ if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_
 ATTENTION_NAME = "sharedecode_paged"
 BACKENDS = ("torch", "triton")
 # True: a plain decode step's attention kernel takes the new K/V from its inputs and stores them
-# itself (one launch instead of two). Off until measured: its first version (the store ahead of the
-# tile loop) gave no gain at batch 1 and 8 and 3.48 against 1.97 ms at batch 64 on the H100; this one
-# stores after the loop (bench/NOTES.md, item 27; `bench_e2e.py --kv-write-in-kernel` times it).
-WRITE_KV_IN_KERNEL = False
+# itself (one launch instead of two). Its first version (the store ahead of the tile loop) took 3.48
+# against 1.97 ms at batch 64 on the H100; this one stores after the loop and was 0-3% faster at
+# batch 1, 8 and 64 in three runs (bench/NOTES.md, items 27 and 32; `bench_e2e.py --ablate-kv-write`).
+WRITE_KV_IN_KERNEL = True
 
 
 @dataclass

@@ -304,14 +304,16 @@ def test_graph_copies_fall_back_to_a_launch_when_they_do_not_fit(model, monkeypa
     assert all(not c for c in graphs.copies_taken)
 
 
-def test_plain_decode_with_the_kv_write_in_the_attention_kernel_matches_hf(model, monkeypatch):
-    """WRITE_KV_IN_KERNEL (off by default): the plain decode step's attention kernel writes the
+@pytest.mark.parametrize("folded", [True, False])
+def test_plain_decode_with_the_kv_write_in_the_attention_kernel_matches_hf(model, monkeypatch, folded):
+    """WRITE_KV_IN_KERNEL (on by default): the plain decode step's attention kernel writes the
     new keys/values itself, on the graph path and eagerly; no separate write runs inside a decode
-    step, and the logits still match HF (they could not if the new keys were never written)."""
+    step, and the logits still match HF (they could not if the new keys were never written).
+    Off: the separate write kernel runs in every decode step."""
     import sharedecode.attention as attention
     from sharedecode.kernels import kv_cache_ops
 
-    monkeypatch.setattr(attention, "WRITE_KV_IN_KERNEL", True)
+    monkeypatch.setattr(attention, "WRITE_KV_IN_KERNEL", folded)
     decoding, writes_in_decode = [False], []
     write_kv = kv_cache_ops.write_kv
     monkeypatch.setattr(kv_cache_ops, "write_kv",
@@ -330,7 +332,10 @@ def test_plain_decode_with_the_kv_write_in_the_attention_kernel_matches_hf(model
 
         engine.decode = flagged
         decode_and_check(engine, model, "none", steps=2)
-    assert writes_in_decode and not any(writes_in_decode)  # prefill writes separately, decode does not
+    if folded:
+        assert writes_in_decode and not any(writes_in_decode)  # prefill writes separately, decode does not
+    else:
+        assert any(writes_in_decode)
 
 
 def test_graph_path_over_the_group_graph_bound_takes_the_plain_graph(model, monkeypatch, cascade_calls):
