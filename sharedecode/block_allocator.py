@@ -450,6 +450,27 @@ class BlockAllocator:
             self.reserved.remove(block_id)
         self._release(block_ids[::-1])
 
+    def take_tail(self, table: BlockTable, tail: int, token: int) -> None:
+        """`table` continues as its own child of `fork_with_tail`: its partial last block (if any)
+        is released for the reserved `tail` (holding the device's copy of it), and `token` is
+        appended. The state `fork_with_tail(table, tail, token)` then `free(table)` leave, with
+        the child in `table`, but without touching its full blocks."""
+        self._check_live(table)
+        if tail not in self.reserved:
+            raise ValueError(f"block {tail} is not reserved")
+        bs = self.block_size
+        length = len(table.token_ids)
+        full = length // bs
+        self.reserved.remove(tail)
+        block_ids = table.block_ids
+        self._release(block_ids[full:])
+        del block_ids[full:]
+        block_ids.append(tail)
+        table.token_ids.append(token)
+        table.num_computed_blocks = min(table.num_computed_blocks, full)
+        if length % bs == bs - 1:
+            self._register_full_block(table, full)
+
     def fork_with_tail(self, parent: BlockTable, tail: int, token: int) -> BlockTable:
         """A child of `parent` holding `parent`'s full blocks (ref + 1 each), then the reserved
         block `tail`, with `token` appended: what `fork(parent)` then `append(child, [token])`

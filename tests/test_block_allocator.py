@@ -1185,3 +1185,36 @@ def test_reserve_checks_room_and_the_tail_must_be_reserved():
     alloc.free_all()  # reserved blocks go back too
     alloc.check()
     assert alloc.num_free_blocks == 4
+
+
+def test_take_tail_leaves_what_fork_with_tail_then_free_leaves():
+    """A parent continuing as its own first child (in place) against a new child table and the
+    parent freed: the same blocks, ref counts, hashes and free blocks (as a set: the order differs
+    only in which of the parent's released blocks is listed first)."""
+    rng = random.Random(5)
+    for trial in range(80):
+        bs = rng.choice([1, 2, 4, 8])
+        pair = [BlockAllocator(num_blocks=64, block_size=bs) for _ in range(2)]
+        prompt = [rng.randrange(9) for _ in range(rng.randint(1, 20))]
+        suffix = [rng.randrange(9) for _ in range(rng.randint(0, 5))]
+        tables = []
+        for alloc in pair:
+            table = alloc.allocate(prompt)
+            alloc.append(table, suffix)
+            alloc.mark_computed(table)
+            alloc.take_copies()
+            tables.append(table)
+        tails = [a.reserve(1)[0] for a in pair]
+        token = rng.randrange(9)
+        child = pair[0].fork_with_tail(tables[0], tails[0], token)
+        pair[0].free(tables[0])
+        pair[1].take_tail(tables[1], tails[1], token)
+        assert (child.block_ids, child.token_ids) == (tables[1].block_ids, tables[1].token_ids)
+        assert child.num_computed_blocks == tables[1].num_computed_blocks
+        assert pair[0].ref_counts == pair[1].ref_counts
+        assert pair[0].block_hashes == pair[1].block_hashes
+        assert set(pair[0].free_block_ids) == set(pair[1].free_block_ids)
+        for alloc in pair:
+            alloc.check()
+        with pytest.raises(ValueError, match="not reserved"):
+            pair[1].take_tail(tables[1], tails[1], token)

@@ -265,24 +265,48 @@ class BeamRequest(Request):
 
     def _step_launched_ahead(self, engine: Engine, top: list[float]) -> None:
         """`step_host` while the next step is already on the device (`decode_ahead`): each
-        survivor's table is made as the device made it, its parent's full blocks and one reserved
-        block (`fork_with_tail`); then every parent is freed, and so is every reserved block not
-        handed over (all of them when the search is done)."""
+        survivor's table is made as the device made it, its parent's full blocks and its reserved
+        block. As in `_step_tables`, a parent's first survivor continues in the parent's table
+        (`take_tail`: its full blocks stay put), further survivors turn a parent without survivors
+        into a sibling (`fork_into`, then `take_tail`) or fork (`fork_with_tail`) first, while
+        their parent is still whole; parents left over and reserved blocks not handed over are
+        freed (all of them when the search is done or an exception interrupts)."""
         allocator = engine.allocator
         parents = [b.table for b in self.pending]
         tails, self.ahead_tails = self.ahead_tails, None
-        used = 0
+        made: list = []
+        finished = False
         try:
             survivors = self._select(top)
-            self.pending = []
-            for (beam, token), tail in zip(survivors, tails):
-                self.pending.append(Branch(allocator.fork_with_tail(parents[beam], tail, token), PENDING_TOKEN))
-                used += 1
-            allocator.mark_all_computed([b.table for b in self.pending])  # (written by the queued step)
+            first: dict[int, int] = {}  # parent table -> its first survivor
+            for i, (beam, _) in enumerate(survivors):
+                first.setdefault(id(parents[beam]), i)
+            losers = list({id(t): t for t in parents if id(t) not in first}.values())
+            made = [None] * len(survivors)
+            for i, (beam, token) in enumerate(survivors):  # further survivors, from whole parents
+                if first[id(parents[beam])] != i:
+                    if losers:
+                        table = losers.pop(0)
+                        allocator.fork_into(table, parents[beam])
+                        allocator.take_tail(table, tails[i], token)
+                    else:
+                        table = allocator.fork_with_tail(parents[beam], tails[i], token)
+                    made[i] = table
+            for i, (beam, token) in enumerate(survivors):
+                if first[id(parents[beam])] == i:
+                    allocator.take_tail(parents[beam], tails[i], token)
+                    made[i] = parents[beam]
+            self.pending = [Branch(table, PENDING_TOKEN) for table in made]
+            allocator.mark_all_computed(made)  # (written by the step in flight)
+            finished = True
         finally:
-            allocator.unreserve(tails[used:])
-            for table in parents:
-                engine.free(table)
+            kept = {id(t) for t in made if t is not None} if finished else set()
+            allocator.unreserve([tail for tail in tails if tail in allocator.reserved])
+            for table in parents + [t for t in made if t is not None]:
+                if id(table) not in kept:
+                    engine.free(table)
+            if not finished:
+                self.pending = []
 
     def release(self, engine: Engine) -> None:
         super().release(engine)
