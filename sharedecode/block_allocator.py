@@ -476,22 +476,10 @@ class BlockAllocator:
         block `tail`, with `token` appended: what `fork(parent)` then `append(child, [token])`
         leave, except that the last block is always `tail` (the device copied `parent`'s partial
         last block into it, when there is one, so no copy-on-write copy is recorded)."""
-        self._check_live(parent)
         if tail not in self.reserved:
             raise ValueError(f"block {tail} is not reserved")
-        bs = self.block_size
-        length = len(parent.token_ids)
-        full = length // bs
-        block_ids = parent.block_ids[:full]
-        ref_counts = self.ref_counts
-        for block_id in block_ids:
-            ref_counts[block_id] += 1
-        self.reserved.remove(tail)
-        child = BlockTable(block_ids + [tail], parent.token_ids + [token], parent.num_cached_tokens,
-                           min(parent.num_computed_blocks, full))
-        self.tables[id(child)] = child
-        if length % bs == bs - 1:  # the token completes the tail: hash it for prefix reuse
-            self._register_full_block(child, full)
+        child = self.fork(parent)
+        self.take_tail(child, tail, token)
         return child
 
     def take_copies(self) -> list[tuple[int, int]]:
