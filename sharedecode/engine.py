@@ -95,9 +95,10 @@ class Engine:
             once per sequence (the shared-prefix "cascade" kernel), when a step's groups skip at
             least `engine.shared_prefix_min_saved_tokens` key/value reads per layer (sum over
             groups of (members - 1) x shared tokens). False: always the plain kernel.
-        look_ahead: let the scheduler launch a sampling or greedy step before reading the previous
-            step's results (its input tokens stay on the device), so that the host's bookkeeping
-            overlaps the next forward; the tokens are the same either way (see `Scheduler`).
+        look_ahead: let the scheduler launch a sampling, greedy or beam-search step before reading
+            the previous step's results (its input tokens, and for beam search its block tables,
+            stay on the device), so that the host's bookkeeping overlaps the next forward; the
+            tokens are the same either way (see `Scheduler`).
             Default: on CUDA only (on the CPU nothing runs asynchronously, so it would only add
             the discarded step after each stop).
         skinny_gemm: in captured decode steps of at most 16 sequences, run the decoder layers'

@@ -14,13 +14,14 @@ would have given), counting the blocks its branches share (their prompt) once. O
 cannot fit even alone raises `KVCacheFull`; every exception, and closing the iteration early, frees
 every block the requests hold.
 
-Look-ahead: when every running request allows it (sampling and greedy without a repetition penalty,
-with no request waiting), the next step is launched before this step's results are read, its input
-tokens taken on the device from this step's choices, so that the host's bookkeeping of one step
-overlaps the device's forward of the next. A sequence that stops is seen one step late: its row of
-the step launched ahead is discarded and its blocks freed then. The tokens are the same either way
-(noise is drawn per started sequence); that extra row can move scores in their last bits, as any
-change of the batch does.
+Look-ahead: when every running request allows it (sampling, greedy and beam search without a
+repetition penalty or stop strings, with no request waiting), the next step is launched before this
+step's results are read, its input tokens taken on the device from this step's choices, so that the
+host's bookkeeping of one step overlaps the device's forward of the next. A sequence that stops is
+seen one step late: its row of the step launched ahead is discarded and its blocks freed then. The
+tokens are the same either way (noise is drawn per started sequence); that extra row can move
+scores in their last bits, as any change of the batch does. Beam search also makes the next step's
+block tables on the device (`BeamRequest.decode_ahead`), which the host mirrors a step later.
 """
 
 from __future__ import annotations
@@ -362,18 +363,22 @@ class Scheduler:
         return self._queue_choice(running, logits)
 
     def _launch_ahead(self, running: list[Request], step: LaunchedStep) -> LaunchedStep | None:
-        """Launch the step after `step` before reading its results: each branch's input is the
-        token `step` chose for it, still on the device (placeholders in the block tables until
-        `_finish` fills them in). None when its blocks do not fit (the next call launches it the
-        ordinary way, preempting if it must)."""
+        """Launch the step after `step` before reading its results. None when its blocks do not
+        fit (the next call launches it the ordinary way, preempting if it must)."""
         decode_ahead = getattr(type(running[0]), "decode_ahead", None)
         if decode_ahead is not None:  # (beam search: the block tables follow on the device too)
             logits = decode_ahead(self.engine, running, step)
-            if logits is None:
-                return None
-            self.stats.decode_steps += 1
-            self._track_peak(running)
-            return self._queue_choice(running, logits)
+        else:
+            logits = self._decode_chosen(running, step)
+        if logits is None:
+            return None
+        self.stats.decode_steps += 1
+        self._track_peak(running)
+        return self._queue_choice(running, logits)
+
+    def _decode_chosen(self, running: list[Request], step: LaunchedStep) -> torch.Tensor | None:
+        """The decode of each branch's token that `step` chose for it, still on the device
+        (placeholders in the block tables until `_finish` fills them in); None when it does not fit."""
         chosen = type(running[0]).chosen_tokens(step.flat)
         launched = [b for rows in step.rows for b in rows]
         branches = [b for r in running for b in r.pending]
@@ -381,13 +386,10 @@ class Scheduler:
             where = {id(b): i for i, b in enumerate(launched)}
             chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
         try:
-            logits = self.engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches),
-                                        input_ids=chosen)
+            return self.engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches),
+                                      input_ids=chosen)
         except KVCacheFull:
             return None
-        self.stats.decode_steps += 1
-        self._track_peak(running)
-        return self._queue_choice(running, logits)
 
     def _queue_choice(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep:
         """Queue the requests' device part of a step on `logits` (each request's `len(pending)`

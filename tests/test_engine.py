@@ -195,6 +195,68 @@ def test_fork_copy_on_write_matches_hf(arch_model):
     assert engine.kv_stats().num_sequences == 0
 
 
+def test_decode_forked_matches_hf(arch_model):
+    """Beam search launched ahead: new tables made on the device from the last step's rows (a
+    parent's full blocks, then a reserved block receiving a copy of its partial block, or empty at
+    a block boundary) give the model's own logits; the host's mirror (`fork_with_tail`) then holds
+    the same tables, and an ordinary step after it matches HF too."""
+    from sharedecode.kernels.beam_select import fork_beam_rows_torch
+
+    arch, model = arch_model
+    engine = Engine(model, block_size=BLOCK, kv_cache_bytes=2**22)
+    for length in (11, 15):  # the forked step's token lands mid-block, then at a block boundary
+        root = engine.add(prompts(length, [length])[0])
+        engine.prefill([root])
+        tables = [root, engine.fork(root)]
+        seqs = [list(root.token_ids) for _ in tables]
+        check_steps(engine, model, tables, seqs, 1, seed=length)  # the rows to fork from
+        parents, tokens = [1, 0, 1], [5, 6, 7]  # parent 1 twice: two copies of its partial block
+        positions = [len(seqs[p]) for p in parents]
+        tails = engine.allocator.reserve(len(parents))
+        columns = [p // BLOCK for p in positions]
+        # fork_beam_rows_torch's input layout: one request of 3 beams whose chosen candidates
+        # (positions 0-2 of its top-K) have flat indices parent * vocab + token
+        keep = 3
+        flat = torch.tensor([[0.0] * keep + [p * VOCAB + t for p, t in zip(parents, tokens)]
+                             + [0.0, 1.0, 2.0] + [0.0] * 3], dtype=torch.float64)
+        ints = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
+        previous = engine.last_block_tables
+        width = max(previous.shape[1], max(columns) + 1)
+        # (the previous step had 2 rows of one "request" of 2 beams: pad it to 3 rows per request)
+        padded = torch.cat([previous, previous[:1]])
+        rows, copy_src, input_ids, _ = fork_beam_rows_torch(
+            flat, ints([0]), padded, ints(columns), ints(tails), ints([int(p % BLOCK != 0) for p in positions]),
+            VOCAB, 3, width)
+        logits = engine.decode_forked(rows, copy_src, positions, tails, input_ids)
+        children = [engine.allocator.fork_with_tail(tables[p], tail, t) for p, tail, t in zip(parents, tails, tokens)]
+        for table in tables:
+            engine.free(table)
+        engine.allocator.mark_all_computed(children)
+        engine.allocator.check()
+        assert [c.block_ids + [0] * (width - len(c.block_ids)) for c in children] == rows.tolist()
+        child_seqs = [seqs[p] + [t] for p, t in zip(parents, tokens)]
+        for i, seq in enumerate(child_seqs):
+            assert children[i].token_ids == seq
+            assert_close(logits[i], reference_logits(model, seq)[-1], f"{arch} forked decode, seq {i}")
+        check_steps(engine, model, children, child_seqs, 1, seed=length + 1)
+        for child in children:
+            engine.free(child)
+        assert engine.kv_stats().blocks_in_use == 0
+
+
+def test_decode_forked_validates_shapes_and_needs_a_decode_step_first():
+    model = make_model("llama")
+    engine = Engine(model, block_size=BLOCK, kv_cache_bytes=2**22)
+    with pytest.raises(RuntimeError, match="no decode step"):
+        engine.last_block_tables
+    rows = torch.zeros(2, 3, dtype=torch.int32)
+    ids = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="decode_forked got"):
+        engine.decode_forked(rows, ids, [8, 8], [1], ids)
+    with pytest.raises(ValueError, match="decode_forked got"):
+        engine.decode_forked(rows, ids[:1], [8, 8], [1, 2], ids)
+
+
 def test_shared_prefix_reuses_cached_blocks(arch_model):
     arch, model = arch_model
     engine = Engine(model, block_size=BLOCK, kv_cache_bytes=2**22)

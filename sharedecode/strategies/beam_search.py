@@ -230,11 +230,13 @@ class BeamRequest(Request):
         held = [r.device_running for r in requests]
         for request in requests:
             request.device_running = None
-        if held[0] is None:
+        if all(h is None for h in held):
             return upload([x for r in requests for x in r.running_scores], device, torch.float32)
+        if any(h is None for h in held):  # (decode_ahead sets them for every request of its step)
+            raise RuntimeError("a step mixes beam requests launched ahead with ones that were not")
         scores, _ = held[0]
         k = requests[0].num_beams
-        if all(h is not None and h[0] is scores for h in held) and [h[1] for h in held] == \
+        if all(h[0] is scores for h in held) and [h[1] for h in held] == \
                 list(range(0, k * len(requests), k)) and scores.numel() == k * len(requests):
             return scores
         index = upload([h[1] + j for h in held for j in range(k)], device, torch.int64)
