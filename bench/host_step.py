@@ -33,7 +33,7 @@ from bench.profile_host import build_engine  # noqa: E402
 from sharedecode.cuda_graphs import DecodeGraphs  # noqa: E402
 from sharedecode.engine import Engine  # noqa: E402
 from sharedecode.scheduler import Scheduler  # noqa: E402
-from sharedecode.strategies import BeamSearch, Greedy  # noqa: E402
+from sharedecode.strategies import BeamSearch, Greedy, ParallelSampling  # noqa: E402
 
 PARTS = {"decode": (Engine, "decode"), "decode_forked": (Engine, "decode_forked"),
          "finish": (Scheduler, "_finish")}
@@ -66,7 +66,8 @@ def workloads(engine: Engine, new_tokens: int) -> list[tuple[str, list, object]]
     shared = [system + torch.randint(3, vocab, (64,), generator=gen).tolist() for _ in range(256)]
     batch = [torch.randint(3, vocab, (512,), generator=gen).tolist() for _ in range(16)]
     common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    return [("W-beam k=8", prompt, BeamSearch(engine, num_beams=8, **common)),
+    return [("W-sample n=64", prompt, ParallelSampling(engine, n=64, temperature=1.0, top_p=0.9, seed=0, **common)),
+            ("W-beam k=8", prompt, BeamSearch(engine, num_beams=8, **common)),
             ("W-beam-batch 16x8", batch, BeamSearch(engine, num_beams=8, **common)),
             ("W-shared 256", shared, Greedy(engine, **common))]
 
