@@ -277,3 +277,19 @@ def test_an_exception_with_beams_in_flight_frees_everything(model, monkeypatch, 
         BeamSearch(engine, num_beams=4, max_new_tokens=12, min_new_tokens=12).run(prompts_for(9, 2))
     assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
     engine.allocator.check()
+
+
+def test_stopping_a_beam_stream_with_a_step_in_flight_frees_everything(model):
+    from sharedecode.strategies import BeamSearch
+
+    engine = Engine(model, backend="torch", block_size=4, kv_cache_bytes=2**20, look_ahead=True)
+    strategy = BeamSearch(engine, num_beams=4, max_new_tokens=20, min_new_tokens=20)
+    forked = []
+    original = engine.decode_forked
+    engine.decode_forked = lambda *a, **kw: forked.append(1) or original(*a, **kw)
+    for count, _ in enumerate(strategy.stream(prompts_for(12, 2))):
+        if count == 6:
+            assert forked  # (the step in flight was launched ahead; its tables are mirrored)
+            break
+    assert engine.kv_stats().blocks_in_use == 0 and not engine.allocator.reserved
+    engine.allocator.check()
