@@ -320,13 +320,16 @@ class BeamRequest(Request):
     @staticmethod
     def decode_ahead(engine: Engine, requests: list["BeamRequest"], step: LaunchedStep) -> torch.Tensor | None:
         """Launch the step after `step` before its results reach the host: the survivors that
-        `step`'s device part chose (`_device_choice`) feed their tokens, their block tables are
+        `step`'s device part chose (HF's running choice: `beam_select.beam_candidates` on CUDA,
+        `_device_choice` elsewhere) feed their tokens, their block tables are
         made on the device from `step`'s rows (`Engine.decode_forked`: the parent's full blocks,
         then a reserved block holding a copy of the parent's partial one), and their running
         scores stay on the device for this step's own device part. The host catches up in
         `_step_launched_ahead`; a search found done there discards this step's rows. None (nothing
         launched) when the requests do not form one group with the choice in `step`'s results, or
         the reserved blocks do not fit."""
+        from sharedecode.kernels import beam_select
+
         first = requests[0]
         k, keep = first.num_beams, first.beams_to_keep
         launched = step.requests
@@ -348,12 +351,9 @@ class BeamRequest(Request):
             previous = engine.last_block_tables
             width = max(previous.shape[1], max(columns) + 1)
             meta = upload(order + columns + tails + copy, step.flat.device, torch.int32)
-            parts = [meta[: len(order)]] + [meta[len(order) + i * n : len(order) + (i + 1) * n] for i in range(3)]
-            from sharedecode.kernels import beam_select
-
             fork = beam_select.fork_beam_rows if _on_kernels(step.flat) else beam_select.fork_beam_rows_torch
-            rows, copy_src, tokens, running = fork(step.flat.view(len(launched), -1), parts[0], previous,
-                                                   *parts[1:], first.vocab, k, width)
+            rows, copy_src, tokens, running = fork(step.flat.view(len(launched), -1), meta[: len(order)],
+                                                   previous, *meta[len(order):].view(3, n), first.vocab, k, width)
             logits = engine.decode_forked(rows, copy_src, positions, tails, tokens,
                                           BeamRequest._ahead_groups(engine, requests))
         except BaseException:
