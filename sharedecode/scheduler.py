@@ -83,6 +83,22 @@ class Request:
         """The token chosen for each row, on the device, from a look-ahead request's flat results."""
         raise NotImplementedError
 
+    @classmethod
+    def decode_ahead(cls, engine: Engine, requests: list["Request"], step: LaunchedStep) -> torch.Tensor | None:
+        """The decode of the step after `step`, launched before its results are read: each
+        branch's input is the token `step` chose for it, still on the device (placeholders in the
+        block tables until `Scheduler._finish` fills them in). None when it does not fit."""
+        chosen = cls.chosen_tokens(step.flat)
+        launched = [b for rows in step.rows for b in rows]
+        branches = [b for r in requests for b in r.pending]
+        if branches != launched:  # some sequences stopped at an earlier step: their rows drop out
+            where = {id(b): i for i, b in enumerate(launched)}
+            chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
+        try:
+            return engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches), input_ids=chosen)
+        except KVCacheFull:
+            return None
+
     def start(self, engine: Engine, table: BlockTable, logits: torch.Tensor) -> None:
         """The prompt was prefilled into `table`; `logits` [V] are its last token's."""
         self.begin(engine, table)
@@ -363,33 +379,14 @@ class Scheduler:
         return self._queue_choice(running, logits)
 
     def _launch_ahead(self, running: list[Request], step: LaunchedStep) -> LaunchedStep | None:
-        """Launch the step after `step` before reading its results. None when its blocks do not
-        fit (the next call launches it the ordinary way, preempting if it must)."""
-        decode_ahead = getattr(type(running[0]), "decode_ahead", None)
-        if decode_ahead is not None:  # (beam search: the block tables follow on the device too)
-            logits = decode_ahead(self.engine, running, step)
-        else:
-            logits = self._decode_chosen(running, step)
+        """Launch the step after `step` before reading its results (`Request.decode_ahead`). None
+        when its blocks do not fit (the next call launches it the ordinary way, preempting if it must)."""
+        logits = type(running[0]).decode_ahead(self.engine, running, step)
         if logits is None:
             return None
         self.stats.decode_steps += 1
         self._track_peak(running)
         return self._queue_choice(running, logits)
-
-    def _decode_chosen(self, running: list[Request], step: LaunchedStep) -> torch.Tensor | None:
-        """The decode of each branch's token that `step` chose for it, still on the device
-        (placeholders in the block tables until `_finish` fills them in); None when it does not fit."""
-        chosen = type(running[0]).chosen_tokens(step.flat)
-        launched = [b for rows in step.rows for b in rows]
-        branches = [b for r in running for b in r.pending]
-        if branches != launched:  # some sequences stopped at an earlier step: their rows drop out
-            where = {id(b): i for i, b in enumerate(launched)}
-            chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
-        try:
-            return self.engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches),
-                                      input_ids=chosen)
-        except KVCacheFull:
-            return None
 
     def _queue_choice(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep:
         """Queue the requests' device part of a step on `logits` (each request's `len(pending)`

@@ -317,8 +317,8 @@ class BeamRequest(Request):
             self.ahead_tails = None
         self.device_running = None
 
-    @staticmethod
-    def decode_ahead(engine: Engine, requests: list["BeamRequest"], step: LaunchedStep) -> torch.Tensor | None:
+    @classmethod
+    def decode_ahead(cls, engine: Engine, requests: list["BeamRequest"], step: LaunchedStep) -> torch.Tensor | None:
         """Launch the step after `step` before its results reach the host: the survivors that
         `step`'s device part chose (HF's running choice: `beam_select.beam_candidates` on CUDA,
         `_device_choice` elsewhere) feed their tokens, their block tables are
