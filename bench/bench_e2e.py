@@ -341,6 +341,9 @@ def main():
                         help="also time the decode step with programmatic dependent launch (off by default)")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
+    parser.add_argument("--ablate-rotary", action="store_true",
+                        help="also time the decode step with the model's own rotary kernels (not deferred to "
+                             "the attention kernels)")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set a torch._inductor.config option (Python literal) for the whole run")
     args = parser.parse_args()
@@ -394,7 +397,7 @@ def main():
         section["shared_prefix_decode"] = True
         # (name, compile, fused projections, skinny GEMM, folds: None for the defaults, else
         # (split merge in the attention kernel, split-K sum in the GEMM, KV write in the attention
-        # kernel, programmatic dependent launch))
+        # kernel, programmatic dependent launch), and optionally whether the rotary is deferred)
         variants = []
         if args.decode_variants:
             variants += [("graphs", False, False, False, None), ("graphs+compile", True, False, False, None)]
@@ -405,12 +408,16 @@ def main():
                              (False, False, False, False)))
         if args.ablate_kv_write:
             variants.append(("KV write as its own kernel", True, True, True, (True, True, False, False)))
+        if args.ablate_rotary:
+            variants.append(("rotary as the model's own kernels", True, True, True, None, False))
         if args.pdl:
             variants.append(("programmatic dependent launch", True, True, True, (True, True, True, True)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
-            for variant, compile_step, fuse, skinny, folds in variants:
+            for variant, compile_step, fuse, skinny, folds, *deferred in variants:
                 plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
+                if deferred and plain.graphs is not None:  # (defer_rotary: read at capture)
+                    plain.graphs.rotary = plain.graphs.rotary if deferred[0] else None
                 if not fuse and plain.graphs is not None:
                     plain.graphs.fuser = None
                 elif plain.graphs is not None and plain.graphs.fuser is not None:

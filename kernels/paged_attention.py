@@ -295,9 +295,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_attn_kernel(
-        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE, ARRIVALS, KNEW, VNEW, SLOTS,
+        Q, K, V, BT, CTX, QSL, KV_START, OUT, PACC, PLSE, ARRIVALS, KNEW, VNEW, SLOTS, COS, SIN,
         num_seqs, num_kv_heads, qk_scale, softcap, window,
-        stride_nkt, stride_nkh, stride_nvt, stride_nvh,
+        stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_cos, stride_sin,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, stride_ot, stride_oh,
         stride_pt, stride_ph, stride_ps, split_offset,
@@ -306,7 +306,7 @@ if HAS_TRITON:
         NUM_SPLITS: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
         K_ROWS: tl.constexpr, MERGE_HERE: tl.constexpr, NS_PAD: tl.constexpr,
-        WRITE_KV: tl.constexpr, PDL: tl.constexpr,
+        WRITE_KV: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # (see pdl.py) everything here may be the previous kernel's output
             tl.extra.cuda.gdc_wait()
@@ -335,8 +335,14 @@ if HAS_TRITON:
         head = kvh * G + h
         qpos = ctx - q_len + qi
 
-        q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+        if ROPE:  # (decode, one token per program) the query rotated as it is loaded
+            dec_tok = (q_start + qb).to(tl.int64)
+            q = _load_rotated(Q, tok * stride_qt + head * stride_qh, offs_d, row_valid[:, None] & d_mask[None, :],
+                              COS + dec_tok * stride_cos, SIN + dec_tok * stride_sin, D)
+            q = q.to(Q.dtype.element_ty)
+        else:
+            q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_valid[:, None] & d_mask[None, :], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
 
@@ -374,8 +380,15 @@ if HAS_TRITON:
             new_tok = (q_start + qb).to(tl.int64)
             last_tile = (kv_hi - 1) // TILE_N
             if (tile_lo <= last_tile) & (last_tile < tile_hi):
-                new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask,
-                                other=0.0)
+                if ROPE:
+                    one_row = tl.zeros([1], dtype=tl.int64) + new_tok * stride_nkt + kvh * stride_nkh
+                    new_k = _load_rotated(KNEW, one_row,
+                                          offs_d, d_mask[None, :], COS + new_tok * stride_cos,
+                                          SIN + new_tok * stride_sin, D)
+                    new_k = tl.reshape(new_k, (D_PAD,)).to(KNEW.dtype.element_ty)
+                else:
+                    new_k = tl.load(KNEW + new_tok * stride_nkt + kvh * stride_nkh + offs_d, mask=d_mask,
+                                    other=0.0)
                 new_v = tl.load(VNEW + new_tok * stride_nvt + kvh * stride_nvh + offs_d, mask=d_mask,
                                 other=0.0)
                 first = tl.arange(0, TILE_N) == 0
@@ -535,10 +548,11 @@ def _launch_merge(pacc, plse, out, num_splits, d, d_pad):
 def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, *, kv_start=None, pacc=None,
                   plse=None, split_offset=0, block_q=None, tile_n=None, num_warps=None,
-                  num_stages=None, k_rows=None, merge_here=False, new_kv=None):
+                  num_stages=None, k_rows=None, merge_here=False, new_kv=None, rope=None):
     """Launch the unified kernel. With num_splits > 1 or kv_start it writes partials (pacc/plse);
     `merge_here` (decode splits without kv_start) also merges them into `out` in the same launch.
-    `new_kv` (decode): (key, value, slot_mapping) written into the caches by the kernel itself."""
+    `new_kv` (decode): (key, value, slot_mapping) written into the caches by the kernel itself;
+    `rope` (with new_kv): (cos, sin) that rotate the query and the new key as they are loaded."""
     t, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
     s = block_tables.shape[0]
@@ -572,14 +586,17 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
     if new_kv is not None and (not decode or kv_start is not None):
         raise ValueError("new_kv needs a decode batch (T == S) without kv_start")
     new_k, new_v, slots = new_kv if new_kv is not None else (query, query, context_lens)
+    if rope is not None and (new_kv is None or block_q != 1):
+        raise ValueError("rope needs new_kv (a decode batch) and one query per program")
+    cos, sin = rope if rope is not None else (query, query)
     grid = (n_qblocks, hkv, num_splits)
     use_pdl = pdl.applies(query.device)
     _paged_attn_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, query_start_loc,
         kv_start if kv_start is not None else context_lens, out, pacc, plse, arrivals,
-        new_k, new_v, slots,
+        new_k, new_v, slots, cos, sin,
         s, hkv, float(scale), float(softcap or 1.0), int(sliding_window or 0),
-        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), cos.stride(0), sin.stride(0),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
@@ -589,7 +606,7 @@ def _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_sta
         TILE_N=tile_n, NUM_SPLITS=num_splits, HAS_KV_START=kv_start is not None,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, PREC=prec,
         DOT_F32=_dot_f32(query.dtype), K_ROWS=k_rows, MERGE_HERE=merge_here,
-        NS_PAD=max(2, _next_pow2(num_splits)), WRITE_KV=new_kv is not None, PDL=use_pdl,
+        NS_PAD=max(2, _next_pow2(num_splits)), WRITE_KV=new_kv is not None, ROPE=rope is not None, PDL=use_pdl,
         num_warps=num_warps, **extra, **pdl.launch_options(use_pdl))
 
 
@@ -608,7 +625,7 @@ def choose_num_splits(num_seqs, num_kv_heads, device, max_context_len=None, *,
 
 def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, *,
                     scale, sliding_window=None, softcap=None, out=None, max_context_len=None,
-                    num_splits=None, new_kv=None, _config=None):
+                    num_splits=None, new_kv=None, rope=None, _config=None):
     """Paged attention through the Triton kernel (GPU, or the Triton interpreter).
 
     query [T, Hq, D] fp16/bf16/fp32; k_cache, v_cache [num_blocks, block_size, Hkv, D] (same
@@ -623,7 +640,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     only): (key [T, Hkv, D], value, slot_mapping [T]) of the new tokens, which the kernel attends
     to from these inputs and stores into their slots (one launch instead of `write_kv` and this);
     context_lens count them though they are not in the cache yet. A negative slot is a padding
-    row: nothing is stored and its output is unspecified.
+    row: nothing is stored and its output is unspecified. ``rope`` (with ``new_kv`` only): (cos,
+    sin) [T, D] that rotate the query and the new key (rotate-half form, see rotary.py) as the
+    kernel loads them, so the cache gets the rotated key.
     ``_config`` (dict of
     block_q, tile_n, num_warps, num_stages, k_rows, merge_here: False merges the splits in a
     separate kernel as before) is for benchmarks.
@@ -650,6 +669,14 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
                              "with write_kv first)")
         if new_kv[0].stride(-1) != 1 or new_kv[1].stride(-1) != 1:
             raise ValueError("new_kv's key and value must be contiguous in their last dimension")
+    if rope is not None:
+        if new_kv is None:
+            raise ValueError("rope is applied to the query and the new key: it needs new_kv")
+        from .rotary import check_rope
+
+        check_rope(rope, t, d, query.device)
+        if query.stride(-1) != 1:
+            raise ValueError("with rope, the query must be contiguous in its last dimension")
     if t == 0 or s == 0:
         return out
     decode = t == s
@@ -662,14 +689,18 @@ def paged_attention(query, k_cache, v_cache, block_tables, context_lens, query_s
     cfg = dict(_config or {})
     if num_splits == 1:
         _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
-                      scale, sliding_window, softcap, 1, new_kv=new_kv, **cfg)
+                      scale, sliding_window, softcap, 1, new_kv=new_kv, rope=rope, **cfg)
         return out
     d_pad = max(16, _next_pow2(d))
     pacc, plse = _alloc_partials(t, hq, num_splits, d_pad, query.device)
     merge_here = cfg.pop("merge_here", MERGE_SPLITS_IN_KERNEL)
     _launch_paged(query, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
                   scale, sliding_window, softcap, num_splits, pacc=pacc, plse=plse,
-                  merge_here=merge_here, new_kv=new_kv, **cfg)
+                  merge_here=merge_here, new_kv=new_kv, rope=rope, **cfg)
     if not merge_here:
         _launch_merge(pacc, plse, out, num_splits, d, d_pad)
     return out
+
+
+if HAS_TRITON:  # (imported last: rotary.py imports this module's helpers)
+    from .rotary import _load_rotated  # noqa: E402

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from sharedecode.deferred_rotary import take_deferred
 from sharedecode.kv_pool import KVPool
 
 if TYPE_CHECKING:  # the kernels are imported when first used: tests set TRITON_INTERPRET before that
@@ -66,6 +67,7 @@ def paged_attention_forward(
             "run the model through sharedecode.Engine"
         )
     batch = sharedecode_batch
+    rope = take_deferred(query, key)  # (cos, sin) when the kernels must rotate query and key
     q = query[0].transpose(0, 1)
     k_cache, v_cache = batch.pool.layer(module.layer_idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -76,15 +78,19 @@ def paged_attention_forward(
         if torch.compiler.is_compiling():
             # Opaque to torch.compile: the fused model code around it is compiled, the kernels run as is.
             out = _compiled_step(q, key, value, batch, module.layer_idx, float(scale), sliding_window,
-                                 softcap, groups)
+                                 softcap, groups, rope)
         else:
             out = _triton_step(q, key, value, k_cache, v_cache, batch, scale, sliding_window, softcap,
-                               groups)
+                               groups, rope)
     else:
         from sharedecode.kernels.paged_attention import paged_attention_torch
 
-        batch.pool.write(module.layer_idx, key[0].transpose(0, 1), value[0].transpose(0, 1),
-                         batch.slot_mapping)
+        key = key[0].transpose(0, 1)
+        if rope is not None:
+            from sharedecode.kernels.rotary import rotary_torch
+
+            q, key = rotary_torch(q, *rope), rotary_torch(key, *rope)
+        batch.pool.write(module.layer_idx, key, value[0].transpose(0, 1), batch.slot_mapping)
         out = paged_attention_torch(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                     batch.query_start_loc, scale=scale, sliding_window=sliding_window,
                                     softcap=softcap)
@@ -92,28 +98,36 @@ def paged_attention_forward(
 
 
 def _compiled_step(q, key, value, batch: PagedBatch, layer_idx: int, scale: float, sliding_window, softcap,
-                   groups: PrefixGroups | None) -> torch.Tensor:
+                   groups: PrefixGroups | None, rope) -> torch.Tensor:
     """The step as one custom op per layer: the cascade when there are groups, else plain paged."""
+    cos, sin = rope if rope is not None else (None, None)
     if groups is None:
         return torch.ops.sharedecode.paged_attention_step(
             q, key, value, batch.pool.tensor, layer_idx, batch.slot_mapping, batch.block_tables,
             batch.context_lens, batch.query_start_loc, scale, sliding_window, softcap,
-            batch.max_context_len, batch.num_splits)
+            batch.max_context_len, batch.num_splits, cos, sin)
     return torch.ops.sharedecode.shared_prefix_step(
         q, key, value, batch.pool.tensor, layer_idx, batch.slot_mapping, batch.block_tables,
         batch.context_lens, groups.members, groups.chunk_start, groups.chunk_count,
         groups.chunk_prefix_len, groups.seq_prefix_len, scale, groups.max_chunk_members,
-        batch.num_splits)
+        batch.num_splits, cos, sin)
 
 
 def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, sliding_window, softcap,
-                 prefix_groups: PrefixGroups | None) -> torch.Tensor:
+                 prefix_groups: PrefixGroups | None, rope=None) -> torch.Tensor:
     """Write the new keys/values into their slots, then attend through the block tables (in one
-    launch for a plain decode step: the attention kernel writes them itself)."""
+    launch for a plain decode step: the attention kernel writes them itself). `rope` (cos, sin):
+    the query and key still need their rotary embedding (deferred_rotary.py): the kernel that
+    loads them applies it, the attention kernel itself or the KV write."""
     from sharedecode.kernels.kv_cache_ops import write_kv
 
     one_launch = prefix_groups is None and q.shape[0] == batch.block_tables.shape[0] and WRITE_KV_IN_KERNEL
-    if not one_launch:
+    if not one_launch and rope is not None:
+        from sharedecode.kernels.rotary import rope_write_kv
+
+        q = rope_write_kv(q, key, value, *rope, k_cache, v_cache, batch.slot_mapping)
+        rope = None
+    elif not one_launch:
         write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
     if prefix_groups is not None:
         from sharedecode.kernels.shared_prefix import shared_prefix_decode
@@ -126,7 +140,7 @@ def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, slid
                            batch.query_start_loc, scale=scale, sliding_window=sliding_window,
                            softcap=softcap, max_context_len=batch.max_context_len,
                            num_splits=batch.num_splits,
-                           new_kv=(key, value, batch.slot_mapping) if one_launch else None)
+                           new_kv=(key, value, batch.slot_mapping) if one_launch else None, rope=rope)
 
 
 # Declared without mutated arguments on purpose: the op writes the new tokens' K/V into the pool and
@@ -137,18 +151,19 @@ def _paged_attention_step(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_pool: torch.Tensor, layer_idx: int,
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
     query_start_loc: torch.Tensor, scale: float, sliding_window: Optional[int], softcap: Optional[float],
-    max_context_len: Optional[int], num_splits: Optional[int],
+    max_context_len: Optional[int], num_splits: Optional[int], cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     batch = PagedBatch(pool=None, backend="triton", slot_mapping=slot_mapping, block_tables=block_tables,
                        context_lens=context_lens, query_start_loc=query_start_loc,
                        max_context_len=max_context_len, is_decode=True, num_splits=num_splits)
     return _triton_step(query, key, value, kv_pool[layer_idx, 0], kv_pool[layer_idx, 1], batch, scale,
-                        sliding_window, softcap, None)
+                        sliding_window, softcap, None, _rope(cos, sin))
 
 
 @_paged_attention_step.register_fake
 def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, query_start_loc,
-      scale, sliding_window, softcap, max_context_len, num_splits):
+      scale, sliding_window, softcap, max_context_len, num_splits, cos=None, sin=None):
     return query.new_empty(query.shape)
 
 
@@ -162,7 +177,7 @@ def _shared_prefix_step(
     slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
     members: torch.Tensor, chunk_start: torch.Tensor, chunk_count: torch.Tensor,
     chunk_prefix_len: torch.Tensor, seq_prefix_len: torch.Tensor, scale: float, max_chunk_members: int,
-    num_splits: Optional[int],
+    num_splits: Optional[int], cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from sharedecode.kernels.shared_prefix import PrefixGroups
 
@@ -174,13 +189,17 @@ def _shared_prefix_step(
                        context_lens=context_lens, query_start_loc=None, max_context_len=None,
                        is_decode=True, num_splits=num_splits)
     return _triton_step(query, key, value, kv_pool[layer_idx, 0], kv_pool[layer_idx, 1], batch, scale,
-                        None, None, groups)
+                        None, None, groups, _rope(cos, sin))
 
 
 @_shared_prefix_step.register_fake
 def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, members, chunk_start,
-      chunk_count, chunk_prefix_len, seq_prefix_len, scale, max_chunk_members, num_splits):
+      chunk_count, chunk_prefix_len, seq_prefix_len, scale, max_chunk_members, num_splits, cos=None, sin=None):
     return query.new_empty(query.shape)
+
+
+def _rope(cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]):
+    return None if cos is None else (cos, sin)
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from sharedecode.attention import PagedBatch, paged_attention_enabled
+from sharedecode.deferred_rotary import RotaryDeferral
 from sharedecode.fused_projections import ProjectionFuser
 from sharedecode.kernels.kv_cache_ops import copy_blocks
 from sharedecode.kernels.shared_prefix import GroupLayout, PrefixGroups, layout_groups
@@ -135,7 +136,7 @@ def _more_recompiles():
 class DecodeGraphs:
     def __init__(self, engine, max_batch: int = 256, max_context: int = 32768,
                  num_splits: int | None = None, compile: bool = False, fuse_projections: bool = True,
-                 max_group_graphs: int = 32, skinny_gemm: bool = True):
+                 max_group_graphs: int = 32, skinny_gemm: bool = True, defer_rotary: bool = True):
         if not isinstance(max_group_graphs, int) or max_group_graphs < 0:
             raise ValueError(f"max_group_graphs must be an int >= 0, got {max_group_graphs!r}")
         self.engine = engine
@@ -146,6 +147,8 @@ class DecodeGraphs:
         # bucket share one dynamic-shape compilation.
         self.compiled = torch.compile(self._model_step) if compile else None
         self.fuser = ProjectionFuser(engine.model, skinny=skinny_gemm) if fuse_projections else None
+        # the attention kernels apply the rotary embedding as they load queries and keys (triton only)
+        self.rotary = RotaryDeferral(engine.model) if defer_rotary and engine.backend == "triton" else None
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-max_context // engine.block_size)
@@ -223,12 +226,19 @@ class DecodeGraphs:
             for _ in range(2):
                 self._forward(key)
 
+    @contextlib.contextmanager
+    def model_swaps(self) -> Iterator[None]:
+        """The model as a captured step runs it: attention on the paged cache, fused projections,
+        the rotary embedding left to the attention kernels."""
+        fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
+        deferred = self.rotary.active() if self.rotary is not None else contextlib.nullcontext()
+        with paged_attention_enabled(self.engine.model), fused, deferred:
+            yield
+
     def _capture(self, key: GraphKey) -> None:
         """Capture `key`'s graph. The staged inputs are the current step's, so the warm-up forwards
         only rewrite this step's own K/V slots with the values the replay writes anyway."""
-        model = self.engine.model
-        fused = self.fuser.active() if self.fuser is not None else contextlib.nullcontext()
-        with torch.inference_mode(), paged_attention_enabled(model), fused, _more_recompiles():
+        with torch.inference_mode(), self.model_swaps(), _more_recompiles():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

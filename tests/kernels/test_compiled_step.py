@@ -4,7 +4,6 @@ On CUDA the engine compiles the step before capturing it as a graph; here the sa
 through the Triton interpreter with the "aot_eager" compiler backend (tracing, fake tensors and
 functionalisation as with inductor, without generating code), against the uncompiled step.
 """
-import contextlib
 
 import pytest
 import torch
@@ -24,11 +23,15 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("num_splits,fuse", [(None, True), (2, True), (None, False)])
-def test_compiled_decode_step_matches_eager(num_splits, fuse):
+@pytest.mark.parametrize("num_splits,fuse,defer", [(None, True, True), (2, True, True), (None, False, True),
+                                                    (None, True, False)])
+def test_compiled_decode_step_matches_eager(num_splits, fuse, defer):
+    """The eager step is the model as HF runs it (its own rotary); the compiled one runs with the
+    engine's swaps: fused projections and, with `defer`, the rotary inside the attention kernel."""
     torch._dynamo.reset()
     engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=64, num_splits=num_splits, fuse_projections=fuse)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=64, num_splits=num_splits, fuse_projections=fuse,
+                          defer_rotary=defer)
     traced = []
 
     def recording_backend(graph_module, example_inputs):
@@ -59,8 +62,8 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse):
                 with paged_attention_enabled(engine.model):
                     eager = graphs._model_step(inputs["input_ids"][None, :n], inputs["positions"][None, :n],
                                                graphs._batch(key)).clone()
-                    with graphs.fuser.active() if fuse else contextlib.nullcontext():
-                        compiled = graphs._forward(key)
+                with graphs.model_swaps():
+                    compiled = graphs._forward(key)
             assert torch.isfinite(compiled).all()
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
             for table in tables:
@@ -71,6 +74,8 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse):
     # One graph for the whole step (no graph break), with one opaque attention call per layer.
     assert len(traced) == 1
     assert traced[0].count("sharedecode.paged_attention_step") == engine.shape.num_layers
+    # deferred: no rotate_half (its negation) left in the traced model, cos/sin go to the kernels
+    assert ("neg" in traced[0]) == (not defer)
     # 7 projections per layer + the LM head; fused: q/k/v and gate/up are one GEMM each, and every
     # projection of these few rows is the skinny GEMM (an opaque op; the LM head stays a linear)
     per_layer = 4 if fuse else 7

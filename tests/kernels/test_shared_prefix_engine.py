@@ -13,7 +13,6 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import sharedecode.kernels.shared_prefix as sp
 from sharedecode import Engine
-from sharedecode.attention import paged_attention_enabled
 from sharedecode.cuda_graphs import DecodeGraphs, GraphKey, capacity_class, flat_rows, pack_groups
 
 BLOCK = 8
@@ -269,7 +268,7 @@ def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
     def run_uncaptured(token_ids, *args, input_ids=None, copies=()):
         graphs.copies_taken.append(list(copies))
         keys.append(graphs.stage(token_ids, *args, input_ids=input_ids, copies=copies))
-        with torch.inference_mode(), paged_attention_enabled(model):
+        with torch.inference_mode(), graphs.model_swaps():
             return graphs._forward(keys[-1])[: len(token_ids)].clone()
 
     monkeypatch.setattr(graphs, "run", run_uncaptured)
