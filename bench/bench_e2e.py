@@ -200,7 +200,7 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
 
 def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
                  ablate_shared_prefix=False, ablate_look_ahead=False, ablate_graph_copies=False,
-                 ablate_fused_top_p=False):
+                 ablate_fused_top_p=False, ablate_eager_swaps=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -235,6 +235,13 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             launched_copies, _, _ = timed(run_ours, device, repeats)
         finally:
             del engine.graphs.takes_copies
+    plain_eager = None
+    if ablate_eager_swaps and engine.graphs is not None:  # prefill without the captured steps' swaps
+        engine.eager_forwards_swapped = False
+        try:
+            plain_eager, _, _ = timed(run_ours, device, repeats)
+        finally:
+            engine.eager_forwards_swapped = True
     sorted_top_p = None
     params = getattr(ours, "params", None)
     if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort
@@ -256,6 +263,10 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     if launched_copies is not None:
         row["sharedecode_copies_launched_s"] = launched_copies
         print(f"  {name:28s} ours {t_ours:7.3f}s copies in the graph, {launched_copies:7.3f}s launched",
+              flush=True)
+    if plain_eager is not None:
+        row["sharedecode_unswapped_prefill_s"] = plain_eager
+        print(f"  {name:28s} ours {t_ours:7.3f}s prefill with the step's swaps, {plain_eager:7.3f}s without",
               flush=True)
     if sorted_top_p is not None:
         row["sharedecode_sorted_top_p_s"] = sorted_top_p
@@ -341,6 +352,9 @@ def main():
                         help="also time the decode step with programmatic dependent launch (off by default)")
     parser.add_argument("--ablate-skinny", action="store_true",
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
+    parser.add_argument("--ablate-eager-swaps", action="store_true",
+                        help="also time each workload with the prefill run on the model as it is (no fused "
+                             "projections, no deferred rotary)")
     parser.add_argument("--ablate-rotary", action="store_true",
                         help="also time the decode step with the model's own rotary kernels (not deferred to "
                              "the attention kernels)")
@@ -494,6 +508,7 @@ def main():
                                                          ablate_shared_prefix=args.ablate_shared_prefix,
                                                          ablate_look_ahead=args.ablate_look_ahead,
                                                          ablate_graph_copies=args.ablate_graph_copies,
+                                                         ablate_eager_swaps=args.ablate_eager_swaps,
                                                          ablate_fused_top_p=args.ablate_fused_top_p))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})
