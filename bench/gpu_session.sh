@@ -12,6 +12,10 @@
 #                                               #   GPU, kernel vs torch ops, W-sample end to end)
 #   COMMIT=<sha> bash bench/gpu_session.sh 5    # ~8 min: beam search launched ahead (GPU check
 #                                               #   against stepping; W-beam rows with it ablated)
+#   COMMIT=<sha> bash bench/gpu_session.sh 6    # ~8 min: fewer launches per layer (rotary in the
+#                                               #   kernels, SiLU in the down GEMM): kernel tests,
+#                                               #   GPU checks, decode step with the rotary ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 7    # ~8 min: M1 end to end, prefill swaps ablated
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -59,8 +63,19 @@ case "${1:-1}" in
     run 330 e2e-beam python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only W-beam --ablate-look-ahead --time-budget 300 --out "$OUT/e2e-M1-beam-$COMMIT.json"
     ;;
+6)
+    run 150 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_rotary.py \
+        tests/kernels/test_paged_attention.py tests/kernels/test_skinny_matmul.py tests/kernels/test_kv_cache_ops.py
+    run 200 check python bench/check_decode_gpu.py
+    run 150 decode-rotary python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --ablate-rotary \
+        --skip-hf-batch --out "$OUT/decode-rotary-$COMMIT.json"
+    ;;
+7)
+    run 540 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-eager-swaps \
+        --time-budget 480 --out "$OUT/e2e-M1-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7" >&2
     exit 2
     ;;
 esac

@@ -80,7 +80,9 @@ def test_compiled_decode_step_matches_eager(num_splits, fuse, defer):
     # projection of these few rows is the skinny GEMM (an opaque op; the LM head stays a linear)
     per_layer = 4 if fuse else 7
     assert traced[0].count("linear(") == engine.shape.num_layers * per_layer + 1
-    assert traced[0].count("sharedecode.skinny_linear") == (engine.shape.num_layers * 4 if fuse else 0)
+    # (down_proj is the gated GEMM: it computes silu(gate) * up from the fused gate|up output)
+    assert traced[0].count("sharedecode.skinny_linear") == (engine.shape.num_layers * 3 if fuse else 0)
+    assert traced[0].count("sharedecode.skinny_silu_linear") == (engine.shape.num_layers if fuse else 0)
 
 
 def test_capture_raises_dynamo_recompile_limit_and_restores_it():
