@@ -326,7 +326,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny model")
     parser.add_argument("--time-budget", type=float, default=480.0)
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
-    parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only workloads whose name contains this (or one of these, comma-separated)")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode-step section")
     parser.add_argument("--skip-hf-batch", action="store_true",
                         help="skip the HF generate_batch baseline of W-shared (minutes per model)")
@@ -495,7 +496,7 @@ def main():
                           dict(num_beams=8, do_sample=False, **hf_common)))
         section["workloads"] = []
         for workload in workloads:
-            if args.only and args.only not in workload[0]:
+            if args.only and not any(part in workload[0] for part in args.only.split(",")):
                 continue
             if time.perf_counter() - t0 > args.time_budget:
                 section["skipped_for_time"] = True

@@ -187,6 +187,20 @@ class ProjectionFuser:
                 linear = getattr(module, name, None)
                 if _fusable([linear]) and linear.weight.is_contiguous():
                     self.singles.append((module, name, linear))
+        self._stand_ins: dict[bool, list[tuple[nn.Module, str, nn.Module, nn.Linear]]] = {}
+
+    def stand_ins(self) -> list[tuple[nn.Module, str, nn.Module, nn.Linear]]:
+        """(module, attribute, stand-in, original) for the current `skinny`, made once per value:
+        the eager forwards swap them in every time (building modules costs host time) and
+        torch.compile guards on their identity."""
+        if self.skinny not in self._stand_ins:
+            swaps = [(module, name, FusedSlice(fused, index, self.skinny), linear)
+                     for module, names, linears, fused in self.groups
+                     for index, (name, linear) in enumerate(zip(names, linears))]
+            if self.skinny:
+                swaps += [(module, name, SkinnyProjection(linear), linear) for module, name, linear in self.singles]
+            self._stand_ins[self.skinny] = swaps
+        return self._stand_ins[self.skinny]
 
     @property
     def num_groups(self) -> int:
@@ -194,11 +208,9 @@ class ProjectionFuser:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        for module, names, _linears, fused in self.groups:
-            for index, name in enumerate(names):
-                setattr(module, name, FusedSlice(fused, index, self.skinny))
-        for module, name, linear in self.singles if self.skinny else ():
-            setattr(module, name, SkinnyProjection(linear))
+        swaps = self.stand_ins()
+        for module, name, stand_in, _original in swaps:  # (registered submodules: no __setattr__ needed)
+            module._modules[name] = stand_in
         # (not over a forward someone else set on the instance: that one is what the model runs)
         gated = [(m, f) for m, f in self.gated_mlps if "forward" not in vars(m)] if self.skinny else []
         for module, forward in gated:  # an instance attribute: shadows the class's forward
@@ -208,9 +220,7 @@ class ProjectionFuser:
         finally:
             for module, _forward in gated:  # back to none
                 del module.forward
-            for module, names, linears, fused in self.groups:
-                for name, linear in zip(names, linears):
-                    setattr(module, name, linear)
+            for module, name, _stand_in, original in swaps:
+                module._modules[name] = original
+            for _module, _names, _linears, fused in self.groups:
                 fused.input = fused.output = None  # hold no activation past the block
-            for module, name, linear in self.singles:
-                setattr(module, name, linear)
