@@ -237,11 +237,12 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             del engine.graphs.takes_copies
     plain_eager = None
     if ablate_eager_swaps and engine.graphs is not None:  # prefill without the captured steps' swaps
-        engine.eager_forwards_swapped = False
+        swap_from = engine.swap_eager_from_tokens
+        engine.swap_eager_from_tokens = None
         try:
             plain_eager, _, _ = timed(run_ours, device, repeats)
         finally:
-            engine.eager_forwards_swapped = True
+            engine.swap_eager_from_tokens = swap_from
     sorted_top_p = None
     params = getattr(ours, "params", None)
     if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort

@@ -32,6 +32,9 @@ DEFAULT_GPU_FRACTION = 0.8  # of the memory left free after the model and a warm
 SHARED_PREFIX_MIN_SAVED_TOKENS = 16384
 
 
+SWAP_EAGER_FROM_TOKENS = 4096  # see Engine._forward
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the cache must know of a model, read off its (text) config."""
@@ -182,7 +185,8 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, block_size, self.layout.bytes_per_token)
         self._last_rows: torch.Tensor | None = None  # the last decode step's block tables (device)
         self.graphs = None
-        self.eager_forwards_swapped = True  # (benchmarks turn it off to measure it)
+        # eager forwards of at least this many tokens run with the captured step's swaps (None: none)
+        self.swap_eager_from_tokens: int | None = SWAP_EAGER_FROM_TOKENS
         if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
             from sharedecode.cuda_graphs import DecodeGraphs
 
@@ -450,10 +454,12 @@ class Engine:
         kwargs = {}
         if keep is not None and self._keeps_logits:
             kwargs["logits_to_keep"] = upload(keep, device, i64)
-        # Where steps are captured, the eager forwards (prefill, steps no graph takes) run the model
-        # as the captured steps do: fused projections and the rotary in the kernels, ~40% fewer
-        # launches from the host (bench/NOTES.md, item 37).
-        swapped = self.graphs is not None and self.eager_forwards_swapped
+        # Where steps are captured, a long eager forward (a full prefill chunk) runs the model as the
+        # captured steps do: fused projections, the rotary in the kernels. On the H100 that saved
+        # 25-55 ms of W-shared 256's prefill of 17k tokens, but cost 3-12 ms on the 512-token
+        # prefills of W-beam and W-sample (bench/NOTES.md, item 37).
+        swapped = (self.graphs is not None and self.swap_eager_from_tokens is not None
+                   and len(slots) >= self.swap_eager_from_tokens)
         swaps = self.graphs.model_swaps() if swapped else paged_attention_enabled(self.model)
         with torch.inference_mode(), swaps:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
