@@ -16,6 +16,8 @@
 #                                               #   kernels, SiLU in the down GEMM): kernel tests,
 #                                               #   GPU checks, decode step with the rotary ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 7    # ~8 min: M1 end to end, prefill swaps ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 8    # ~2 min: the eager prefill with and without the
+#                                               #   step's swaps, 512 and 4,096 tokens (item 37)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -74,8 +76,11 @@ case "${1:-1}" in
     run 540 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-eager-swaps \
         --time-budget 480 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
+8)
+    run 150 profile-prefill python bench/profile_prefill.py --out "$OUT/profile-prefill-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8" >&2
     exit 2
     ;;
 esac
