@@ -413,7 +413,7 @@ def main():
         section["shared_prefix_decode"] = True
         # (name, compile, fused projections, skinny GEMM, folds: None for the defaults, else
         # (split merge in the attention kernel, split-K sum in the GEMM, KV write in the attention
-        # kernel, programmatic dependent launch), and optionally whether the rotary is deferred)
+        # kernel, programmatic dependent launch), and optionally False: the model's own rotary)
         variants = []
         if args.decode_variants:
             variants += [("graphs", False, False, False, None), ("graphs+compile", True, False, False, None)]
@@ -430,10 +430,10 @@ def main():
             variants.append(("programmatic dependent launch", True, True, True, (True, True, True, True)))
         if variants and not args.skip_decode:
             # The same captured step with other options, same run.
-            for variant, compile_step, fuse, skinny, folds, *deferred in variants:
+            for variant, compile_step, fuse, skinny, folds, *rotary in variants:
                 plain = Engine(model, backend="auto", kv_cache_bytes=kv_bytes, compile=compile_step)
-                if deferred and plain.graphs is not None:  # (defer_rotary: read at capture)
-                    plain.graphs.rotary = plain.graphs.rotary if deferred[0] else None
+                if rotary == [False] and plain.graphs is not None:  # (read at capture)
+                    plain.graphs.rotary = None
                 if not fuse and plain.graphs is not None:
                     plain.graphs.fuser = None
                 elif plain.graphs is not None and plain.graphs.fuser is not None:

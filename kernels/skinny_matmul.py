@@ -23,8 +23,8 @@ The gated variant is an MLP's down projection taking the fused gate|up projectio
 gate_up [M, 2I] as it is: the x tile load reads the gate and the up tile and forms
 silu(gate) * up in fp32, rounded once to the input dtype (what the elementwise kernel it replaces
 stores: the same bits as that kernel then skinny_linear), so the decode step loses that kernel's
-launch per layer; x is tiny next to W. The M1 down projection took ~2 us longer (H200, batch 1-16),
-the elementwise kernel it replaces ~3 us.
+launch per layer; x is tiny next to W, but the gated GEMM itself is a little slower than the
+plain one, so the gain is the launch it saves (bench/NOTES.md, item 36).
 """
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ if HAS_TRITON:
             if FENCE:
                 # Left alone, Triton moves the conversion to the dot operand's layout up to the
                 # loads and computes silu in that layout, where every warp holds the whole x tile:
-                # 4x the math, and the M1 down projection took 26 us instead of the plain GEMM's
-                # 12 (H200, batch 1-8). Computed in the load's layout and converted after, 12.4.
+                # 4x the math and about twice the plain GEMM's time (seen on an H200). Computed
+                # in the load's layout and converted after, it is close to the plain GEMM again.
                 x = _layout_fence(x)
         return x
 

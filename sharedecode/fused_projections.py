@@ -15,8 +15,8 @@ ms through cuBLAS, and the same at batch 8 (bench/NOTES.md, item 19). It also sw
 of gated SiLU MLPs (transformers' `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU: Llama,
 Mistral, Qwen2/3 and their copies) so that the down projection's GEMM computes silu(gate) * up from
 the fused gate|up output while loading it: the elementwise kernel between the two GEMMs, a launch
-and a gap per layer, is gone (16 M1 MLPs in one CUDA graph: 504 instead of 518 us at batch 8, 489
-instead of 506 at batch 1, on an H200).
+and a gap per layer, is gone (measured only within the whole decode step on the H100:
+bench/NOTES.md, item 36).
 """
 
 from __future__ import annotations
