@@ -18,6 +18,8 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 7    # ~8 min: M1 end to end, prefill swaps ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 8    # ~2 min: the eager prefill with and without the
 #                                               #   step's swaps, 512 and 4,096 tokens (item 37)
+#   COMMIT=<sha> bash bench/gpu_session.sh 9    # ~7 min: issue #4's decode step, M1 (rotary
+#                                               #   ablated) and M2, then phase 8's prefill profile
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -79,8 +81,15 @@ case "${1:-1}" in
 8)
     run 150 profile-prefill python bench/profile_prefill.py --out "$OUT/profile-prefill-$COMMIT.json"
     ;;
+9)
+    run 150 decode-M1 python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --ablate-rotary \
+        --skip-hf-batch --out "$OUT/decode-M1-$COMMIT.json"
+    run 170 decode-M2 python bench/bench_e2e.py --models M2 --only NO-WORKLOAD --skip-hf-batch \
+        --out "$OUT/decode-M2-$COMMIT.json"
+    run 150 profile-prefill python bench/profile_prefill.py --out "$OUT/profile-prefill-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9" >&2
     exit 2
     ;;
 esac
