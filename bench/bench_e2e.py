@@ -79,18 +79,20 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def timed(fn, device, repeats: int):
-    # Warm twice: the first run also fills the prefix cache, so only from the second on do runs
-    # take the path (suffix prefills, their kernels and graph sizes) that the timed ones take.
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
+def timed(fn, device, repeats: int, before=None):
+    """(median seconds, all runs, last output) of `fn` over `repeats` runs after two warm-up runs;
+    `before()` runs ahead of every run, untimed (ours: `Engine.reset_prefix_cache`, so that no run
+    reuses the prompts' KV left by the run before: HF generate computes every prompt each time)."""
+    times, out = [], None
+    for index in range(2 + repeats):
+        if before is not None:
+            before()
         sync(device)
         start = time.perf_counter()
         out = fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        if index >= 2:
+            times.append(time.perf_counter() - start)
     return statistics.median(times), times, out
 
 
@@ -213,26 +215,26 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
                                                padding_side="left")
         return model.generate(batch.to(device), attention_mask=mask.to(device), **hf_kwargs)
 
-    t_ours, all_ours, result = timed(run_ours, device, repeats)
+    t_ours, all_ours, result = timed(run_ours, device, repeats, engine.reset_prefix_cache)
     plain = None
     if ablate_shared_prefix and engine.shared_prefix:  # the same run with plain paged attention
         engine.shared_prefix = False
         try:
-            plain, _, _ = timed(run_ours, device, repeats)
+            plain, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
         finally:
             engine.shared_prefix = True
     stepped = None
     if ablate_look_ahead and engine.look_ahead:  # the same run reading each step's results first
         engine.look_ahead = False
         try:
-            stepped, _, _ = timed(run_ours, device, repeats)
+            stepped, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
         finally:
             engine.look_ahead = True
     launched_copies = None
     if ablate_graph_copies and engine.graphs is not None:  # copy-on-write launched before each replay
         engine.graphs.takes_copies = lambda copies, num_seqs: False
         try:
-            launched_copies, _, _ = timed(run_ours, device, repeats)
+            launched_copies, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
         finally:
             del engine.graphs.takes_copies
     plain_eager = None
@@ -240,7 +242,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         swap_from = engine.swap_eager_from_tokens
         engine.swap_eager_from_tokens = None
         try:
-            plain_eager, _, _ = timed(run_ours, device, repeats)
+            plain_eager, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
         finally:
             engine.swap_eager_from_tokens = swap_from
     sorted_top_p = None
@@ -248,7 +250,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort
         sampling.FUSED_TOP_P = False
         try:
-            sorted_top_p, _, _ = timed(run_ours, device, repeats)
+            sorted_top_p, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
         finally:
             sampling.FUSED_TOP_P = True
     stats = (result[0] if isinstance(result, list) else result).stats

@@ -75,6 +75,7 @@ def main() -> None:
     for name, prompts, strategy in workloads(engine, ["W-beam k=8", "W-sample n=64", "W-shared 256"], args.only):
 
         def run():
+            engine.reset_prefix_cache()  # every prompt computed, as in bench_e2e's timed runs
             strategy.run(prompts if len(prompts) > 1 else prompts[0])
 
         run()  # warm: captures and compilation

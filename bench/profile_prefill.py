@@ -29,6 +29,7 @@ from bench.diagnostics import setup  # noqa: E402
 def one_prefill(engine, length: int, seed: int) -> tuple[float, float, float]:
     """(wall ms, host ms until prefill returned, device ms between events) for a fresh prompt."""
     prompt = torch.randint(3, HI, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    engine.reset_prefix_cache()  # an earlier row's prompts must not be reused
     table = engine.add(prompt)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()

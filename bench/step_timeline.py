@@ -143,6 +143,7 @@ def main() -> None:
             for variant, (shared_prefix, look_ahead) in variants.items():
                 engine.shared_prefix, engine.look_ahead = shared_prefix, look_ahead
                 timeline.reset()
+                engine.reset_prefix_cache()  # every prompt computed, as HF generate does
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 strategy.run(work)

@@ -426,6 +426,18 @@ class BlockAllocator:
         target.num_cached_tokens = source.num_cached_tokens
         target.num_computed_blocks = source.num_computed_blocks
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no table holds (their KV becomes plain free space), so the next
+        prompts are computed in full; returns how many blocks were dropped. Blocks of live tables
+        keep their hashes: a new prompt may still share them (as beams and samples do)."""
+        dropped = list(self.evictable)
+        self.evictable.clear()
+        for block_id in dropped:
+            self._forget_hash(block_id)
+        self.free_block_ids.extend(dropped)
+        self._last_match = None
+        return len(dropped)
+
     def free_all(self) -> None:
         for table in list(self.tables.values()):
             self.free(table)

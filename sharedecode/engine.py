@@ -239,6 +239,11 @@ class Engine:
     def free_all(self) -> None:
         self.allocator.free_all()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the KV of prompts no sequence holds any more (see `BlockAllocator.reset_prefix_cache`):
+        a prompt seen before is then computed again. Returns the number of blocks dropped."""
+        return self.allocator.reset_prefix_cache()
+
     def blocks_needed_for_decode(self, tables: list[BlockTable]) -> int:
         return self.allocator.blocks_needed_for_step(tables)
 

@@ -506,6 +506,23 @@ def test_computed_blocks_become_evictable_and_are_revived():
     alloc.check()
 
 
+def test_reset_prefix_cache_drops_unheld_cached_blocks_only():
+    alloc = BlockAllocator(8, 4)
+    kept = computed_prompt(alloc, list(range(8)))  # live: its hashes stay shareable
+    gone = computed_prompt(alloc, [50 + i for i in range(9)])
+    alloc.free(gone)
+    assert len(alloc.evictable) == 2
+    assert alloc.reset_prefix_cache() == 2
+    assert not alloc.evictable and alloc.num_free_blocks == 6 and alloc.num_blocks_in_use == 2
+    alloc.check()
+    again = alloc.allocate([50 + i for i in range(9)])
+    assert again.num_cached_tokens == 0  # computed again in full
+    shared = alloc.allocate(list(range(8)) + [99])
+    assert shared.num_cached_tokens == 8 and shared.block_ids[:2] == kept.block_ids
+    assert alloc.reset_prefix_cache() == 0
+    alloc.check()
+
+
 def test_evictable_blocks_are_only_taken_when_the_free_list_is_empty():
     alloc = BlockAllocator(4, 4)
     a = computed_prompt(alloc, list(range(9)))  # 2 full hashed blocks + 1 partial
@@ -978,6 +995,13 @@ class AllocatorMachine(RuleBasedStateMachine):
     def decode(self, picks, token):
         seqs = list({id(s): s for s in map(self.pick, picks)}.values())
         self.sim.decode(seqs, [token] * len(seqs))
+
+    @rule()
+    def reset_prefix_cache(self):
+        alloc = self.sim.alloc
+        free, evictable = alloc.num_free_blocks, len(alloc.evictable)
+        assert alloc.reset_prefix_cache() == evictable
+        assert alloc.num_free_blocks == free and not alloc.evictable
 
     @invariant()
     def invariants(self):

@@ -288,6 +288,13 @@ def test_shared_prefix_reuses_cached_blocks(arch_model):
     assert_close(logits[0], reference_logits(model, third)[-1], f"{arch} third")
     assert_close(logits[1], reference_logits(model, fourth)[-1], f"{arch} fourth")
     engine.free_all()
+    # after a reset a prompt seen before is computed again, to the same logits
+    assert engine.reset_prefix_cache() >= 3
+    assert engine.kv_stats().evictable_blocks == 0
+    t5 = engine.add(third)
+    assert t5.num_cached_tokens == 0
+    assert_close(engine.prefill([t5])[0], reference_logits(model, third)[-1], f"{arch} after reset")
+    engine.free_all()
 
 
 def _cached_pair(engine):
