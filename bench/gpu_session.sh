@@ -20,6 +20,8 @@
 #                                               #   step's swaps, 512 and 4,096 tokens (item 37)
 #   COMMIT=<sha> bash bench/gpu_session.sh 9    # ~7 min: issue #4's decode step, M1 (rotary
 #                                               #   ablated) and M2, then phase 8's prefill profile
+#   COMMIT=<sha> bash bench/gpu_session.sh 10   # ~6 min: the prefill profile at 16-4,096 tokens on
+#                                               #   a fresh prefix cache; M1's decode step
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -88,8 +90,14 @@ case "${1:-1}" in
         --out "$OUT/decode-M2-$COMMIT.json"
     run 150 profile-prefill python bench/profile_prefill.py --out "$OUT/profile-prefill-$COMMIT.json"
     ;;
+10)
+    run 200 profile-prefill python bench/profile_prefill.py --lengths 16 64 512 2048 4096 \
+        --out "$OUT/profile-prefill-$COMMIT.json"
+    run 300 decode-M1 python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --skip-hf-batch \
+        --out "$OUT/decode-M1-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 """The eager prefill with and without the captured step's swaps (bench/NOTES.md, item 37).
 
 With the swaps (fused projections, the rotary in `rope_write_kv`), W-shared 256's 4,096-token
-chunks got faster but W-beam's and W-sample's 512-token prefills slower, for a reason not found.
+chunks got faster, but W-beam's and W-sample's prefills slower: those timed runs reused the
+prompt cached by the run before (fixed since), so only their last block went through the swaps.
 For each prompt length and both settings this times `engine.prefill` of one fresh prompt (warm,
 median of `--repeats`): wall time, the time the host takes to return (launches queued), device time
 between CUDA events, and the top device kernels and host ops of one profiled prefill.
