@@ -15,13 +15,15 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 6    # ~8 min: fewer launches per layer (rotary in the
 #                                               #   kernels, SiLU in the down GEMM): kernel tests,
 #                                               #   GPU checks, decode step with the rotary ablated
-#   COMMIT=<sha> bash bench/gpu_session.sh 7    # ~8 min: M1 end to end, prefill swaps ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 7    # ~8 min: M1 end to end, compiled prefill ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 8    # ~2 min: the eager prefill with and without the
 #                                               #   step's swaps, 512 and 4,096 tokens (item 37)
 #   COMMIT=<sha> bash bench/gpu_session.sh 9    # ~7 min: issue #4's decode step, M1 (rotary
 #                                               #   ablated) and M2, then phase 8's prefill profile
 #   COMMIT=<sha> bash bench/gpu_session.sh 10   # ~6 min: the prefill profile at 16-4,096 tokens on
 #                                               #   a fresh prefix cache; M1's decode step
+#   COMMIT=<sha> bash bench/gpu_session.sh 11   # ~8 min: the compiled prefill: profile (eager,
+#                                               #   eager with swaps, compiled), GPU checks
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -77,7 +79,7 @@ case "${1:-1}" in
         --skip-hf-batch --out "$OUT/decode-rotary-$COMMIT.json"
     ;;
 7)
-    run 540 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-eager-swaps \
+    run 540 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --ablate-compiled-prefill \
         --time-budget 480 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
 8)
@@ -96,8 +98,14 @@ case "${1:-1}" in
     run 300 decode-M1 python bench/bench_e2e.py --models M1 --only NO-WORKLOAD --skip-hf-batch \
         --out "$OUT/decode-M1-$COMMIT.json"
     ;;
+11)
+    run 240 profile-prefill python bench/profile_prefill.py --lengths 16 512 2048 4096 \
+        --out "$OUT/profile-prefill-$COMMIT.json"
+    run 170 check-beams python bench/check_decode_gpu.py --only beams
+    run 170 check-shared python bench/check_decode_gpu.py --only shared
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
     exit 2
     ;;
 esac

@@ -1,9 +1,9 @@
-"""The eager prefill with and without the captured step's swaps (bench/NOTES.md, item 37).
+"""The prefill eager, eager with the captured step's swaps, and compiled (bench/NOTES.md, items 37-38).
 
 With the swaps (fused projections, the rotary in `rope_write_kv`), W-shared 256's 4,096-token
 chunks got faster, but W-beam's and W-sample's prefills slower: those timed runs reused the
 prompt cached by the run before (fixed since), so only their last block went through the swaps.
-For each prompt length and both settings this times `engine.prefill` of one fresh prompt (warm,
+For each prompt length and setting this times `engine.prefill` of one fresh prompt (warm,
 median of `--repeats`): wall time, the time the host takes to return (launches queued), device time
 between CUDA events, and the top device kernels and host ops of one profiled prefill.
 
@@ -59,23 +59,27 @@ def main() -> None:
     args = parser.parse_args()
     engine, report = setup(args.model)
     report["rows"] = []
+    compiled = engine.graphs.compiled_prefill
+    settings = {"eager": (None, None), "eager, swaps": (None, 0), "compiled": (compiled, None)}
     for length in args.lengths:
-        for swapped in (False, True):
-            engine.swap_eager_from_tokens = 0 if swapped else None
+        for setting, (compiled_prefill, swap_from) in settings.items():
+            engine.graphs.compiled_prefill = compiled_prefill
+            engine.swap_eager_from_tokens = swap_from
             for seed in range(3):  # warm: compiles, cuBLAS choices
                 one_prefill(engine, length, seed)
             runs = [one_prefill(engine, length, 100 + i) for i in range(args.repeats)]
-            row = {"length": length, "swapped": swapped,
+            row = {"length": length, "setting": setting,
                    "wall_ms": statistics.median(r[0] for r in runs),
                    "host_ms": statistics.median(r[1] for r in runs),
-                   "device_ms": statistics.median(r[2] for r in runs)}
+                   "device_ms": statistics.median(r[2] for r in runs),
+                   "compiled_ran": engine.graphs.compiled_prefill is not None}  # (False: it failed)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 one_prefill(engine, length, 999)
             events = prof.key_averages()
             row["top_device_ms"] = top(events, "self_device_time_total")
             row["top_host_ms"] = top(events, "self_cpu_time_total")
             report["rows"].append(row)
-            print(f"prefill {length:5d} tokens, swaps {'on ' if swapped else 'off'}: wall {row['wall_ms']:.2f} ms, "
+            print(f"prefill {length:5d} tokens, {setting:12s}: wall {row['wall_ms']:.2f} ms, "
                   f"host {row['host_ms']:.2f} ms, device {row['device_ms']:.2f} ms", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
 

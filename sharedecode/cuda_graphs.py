@@ -23,6 +23,7 @@ needing a class beyond that bound replays its bucket's plain graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Iterator, NamedTuple, Sequence
 
@@ -146,6 +147,12 @@ class DecodeGraphs:
         # kernels (the paged attention stays an opaque custom op); batch sizes after the first
         # bucket share one dynamic-shape compilation.
         self.compiled = torch.compile(self._model_step) if compile else None
+        # Prefill chunks run compiled too, with the step's swaps (`prefill_forward`): eagerly, M1's
+        # forward is host-bound up to ~2k tokens (about 15 ms for 16 to 2,048 tokens on the H100,
+        # bench/NOTES.md item 38). The token and sequence counts are marked dynamic at each call (not
+        # dynamic=True, which would make the weights' shapes and the model's float constants
+        # symbolic too): one compilation serves any prompt length.
+        self.compiled_prefill = torch.compile(self._model_prefill) if compile else None
         self.fuser = ProjectionFuser(engine.model, skinny=skinny_gemm) if fuse_projections else None
         # the attention kernels apply the rotary embedding as they load queries and keys (triton only)
         self.rotary = RotaryDeferral(engine.model) if defer_rotary and engine.backend == "triton" else None
@@ -204,6 +211,37 @@ class DecodeGraphs:
         out = self.engine.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                 sharedecode_batch=batch)
         return out.logits[0].float()
+
+    def _model_prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: PagedBatch,
+                       model_kwargs: dict) -> torch.Tensor:
+        return self.engine.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 sharedecode_batch=batch, **model_kwargs).logits[0]
+
+    def prefill_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: PagedBatch,
+                        model_kwargs: dict) -> torch.Tensor | None:
+        """An eager forward (a prefill chunk) through torch.compile, with the step's swaps: the
+        model's logits [tokens kept, V]. None where compile is off or has failed (then the caller
+        runs the model itself; a failure warns once and turns the compiled prefill off)."""
+        if self.compiled_prefill is None:
+            return None
+        # The kernels need no bound on the context for a prefill; a python int here would be a
+        # guard, and so a compilation, per value.
+        batch = dataclasses.replace(batch, max_context_len=None)
+        varying = [(input_ids, 1), (position_ids, 1), (batch.slot_mapping, 0), (batch.block_tables, 0),
+                   (batch.block_tables, 1), (batch.context_lens, 0), (batch.query_start_loc, 0)]
+        varying += [(kept, 0) for kept in model_kwargs.values() if isinstance(kept, torch.Tensor)]
+        for tensor, dim in varying:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        try:
+            with torch.inference_mode(), self.model_swaps(), _more_recompiles():
+                return self.compiled_prefill(input_ids, position_ids, batch, model_kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a compiler failure: the uncompiled model runs
+            warnings.warn(f"torch.compile of the prefill failed ({type(error).__name__}: {error}); "
+                          "prefills run uncompiled from now on", RuntimeWarning, stacklevel=3)
+            self.compiled_prefill = None
+            return None
 
     def _forward(self, key: GraphKey) -> torch.Tensor:
         step = self.compiled or self._model_step

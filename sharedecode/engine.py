@@ -90,8 +90,9 @@ class Engine:
         max_prefill_tokens: the most prompt tokens computed by one forward (chunked prefill).
         kv_cache_fraction: the fraction of free GPU memory given to the KV pool by default.
         cuda_graphs: on CUDA with the triton backend, replay decode steps as CUDA graphs.
-        compile: torch.compile the decode step before capturing it (fewer, fused kernels; the
-            first step of each new batch size then takes a while). Only with cuda_graphs.
+        compile: torch.compile the decode step before capturing it, and prefill chunks (dynamic
+            shapes); fewer, fused kernels and far fewer launches from Python. The first step of
+            each new batch size, and the first prefills, then take a while. Only with cuda_graphs.
         shared_prefix: with the triton backend, decode steps whose sequences share leading KV
             blocks (beams or samples of one prompt, prompts sharing a cached system prompt; found
             from the block tables every step) read each shared prefix once per group instead of
@@ -459,16 +460,19 @@ class Engine:
         kwargs = {}
         if keep is not None and self._keeps_logits:
             kwargs["logits_to_keep"] = upload(keep, device, i64)
-        # Where steps are captured, a long eager forward (a full prefill chunk) runs the model as the
-        # captured steps do: fused projections, the rotary in the kernels. On the H100 that saved
-        # 25-55 ms of W-shared 256's prefill of 17k tokens, but cost 3-12 ms on the 512-token
-        # prefills of W-beam and W-sample (bench/NOTES.md, item 37).
-        swapped = (self.graphs is not None and self.swap_eager_from_tokens is not None
-                   and len(slots) >= self.swap_eager_from_tokens)
-        swaps = self.graphs.model_swaps() if swapped else paged_attention_enabled(self.model)
-        with torch.inference_mode(), swaps:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                sharedecode_batch=batch, **kwargs).logits[0]
+        # Where steps are captured, a prefill runs compiled with the captured steps' swaps (fused
+        # projections, the rotary in the kernels; bench/NOTES.md, item 38). Without compile, an
+        # eager forward of a long chunk still takes the swaps (item 37).
+        logits = None
+        if not is_decode and self.graphs is not None:
+            logits = self.graphs.prefill_forward(input_ids, position_ids, batch, kwargs)
+        if logits is None:
+            swapped = (self.graphs is not None and self.swap_eager_from_tokens is not None
+                       and len(slots) >= self.swap_eager_from_tokens)
+            swaps = self.graphs.model_swaps() if swapped else paged_attention_enabled(self.model)
+            with torch.inference_mode(), swaps:
+                logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                    sharedecode_batch=batch, **kwargs).logits[0]
         if keep is not None and not self._keeps_logits:
             logits = logits.index_select(0, upload(keep, device, i64))
         return logits.float()

@@ -96,3 +96,81 @@ def test_capture_raises_dynamo_recompile_limit_and_restores_it():
         assert config.recompile_limit >= 64
         assert config.fail_on_recompile_limit_hit  # past it: an error, so the fallback warns
     assert config.recompile_limit == before and not config.fail_on_recompile_limit_hit
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_compiled_prefill_matches_the_model_and_serves_new_lengths_without_recompiling():
+    """Prefill chunks run through the dynamic-shape compilation with the step's swaps (fused
+    projections, deferred rotary): the last-token logits equal the model's own forward, and prompts
+    of other lengths reuse the compiled graph."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.append(graph_module.code)
+        return aot_eager(graph_module, example_inputs)
+
+    graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=recording_backend)
+    engine.graphs = graphs  # prefill only: a decode step would capture a CUDA graph
+    gen = torch.Generator().manual_seed(3)
+    first, second, third = (torch.randint(3, 96, (n,), generator=gen).tolist() for n in (19, 33, 26))
+    suffixed = first[:16] + [7, 8, 9, 10, 11]  # two cached blocks, then a suffix prefill
+
+    def reference(prompt):
+        with torch.inference_mode():
+            return model(torch.tensor([prompt])).logits[0, -1]
+
+    # (prompts, compilations in all after them): one prompt; another length (none); two prompts in
+    # one chunk, one of them a suffix after cached blocks (one: a size-1 dimension is specialised);
+    # two prompts of other lengths (none)
+    plan = [([first], 1), ([second], 1), ([third, suffixed], 2),
+            ([list(range(50, 90)), list(range(60, 73))], 2)]
+    try:
+        for prompts, compilations in plan:
+            tables = [engine.add(p) for p in prompts]
+            logits = engine.prefill(tables)
+            for prompt, row in zip(prompts, logits):
+                assert _rel_err(row, reference(prompt)) < 1e-4
+            assert len(traced) == compilations, [len(p) for p in prompts]
+            if prompts[-1] is suffixed:
+                assert tables[1].num_cached_tokens == 16
+    finally:
+        engine.graphs = None
+        engine.free_all()
+    assert engine.kv_stats().blocks_in_use == 0
+    assert graphs.compiled_prefill is not None  # no fallback happened
+    for code in traced:
+        assert code.count("sharedecode.paged_attention_step") == engine.shape.num_layers
+        assert "neg" not in code  # the rotary went to the kernels
+
+
+def test_compiled_prefill_falls_back_to_the_model_when_compilation_fails():
+    torch._dynamo.reset()
+    model = tiny_llama()
+    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=failing_backend)
+    engine.graphs = graphs
+    prompt = list(range(10, 31))
+    try:
+        with pytest.warns(RuntimeWarning, match="prefills run uncompiled"):
+            logits = engine.prefill([engine.add(prompt)])
+        assert graphs.compiled_prefill is None
+        logits_again = engine.prefill([engine.add(list(range(40, 52)))])  # no second warning
+    finally:
+        engine.graphs = None
+        engine.free_all()
+    with torch.inference_mode():
+        assert _rel_err(logits[0], model(torch.tensor([prompt])).logits[0, -1]) < 1e-4
+        assert _rel_err(logits_again[0], model(torch.tensor([list(range(40, 52))])).logits[0, -1]) < 1e-4
+    assert engine.kv_stats().blocks_in_use == 0
