@@ -239,7 +239,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             del engine.graphs.takes_copies
     eager_prefill = None
     if ablate_compiled_prefill and engine.graphs is not None and engine.graphs.compiled_prefill is not None:
-        compiled_prefill = engine.graphs.compiled_prefill  # the prefill run eagerly (swaps from 4k tokens)
+        compiled_prefill = engine.graphs.compiled_prefill  # eager, the swaps from swap_from_tokens
         engine.graphs.compiled_prefill = None
         try:
             eager_prefill, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)

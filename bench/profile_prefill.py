@@ -60,11 +60,11 @@ def main() -> None:
     engine, report = setup(args.model)
     report["rows"] = []
     compiled = engine.graphs.compiled_prefill
-    settings = {"eager": (None, None), "eager, swaps": (None, 0), "compiled": (compiled, None)}
+    settings = {"eager": (None, None), "eager, swaps": (None, 0), "compiled": (compiled, 0)}
     for length in args.lengths:
         for setting, (compiled_prefill, swap_from) in settings.items():
             engine.graphs.compiled_prefill = compiled_prefill
-            engine.swap_eager_from_tokens = swap_from
+            engine.swap_from_tokens = swap_from
             for seed in range(3):  # warm: compiles, cuBLAS choices
                 one_prefill(engine, length, seed)
             runs = [one_prefill(engine, length, 100 + i) for i in range(args.repeats)]

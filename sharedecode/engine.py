@@ -32,7 +32,7 @@ DEFAULT_GPU_FRACTION = 0.8  # of the memory left free after the model and a warm
 SHARED_PREFIX_MIN_SAVED_TOKENS = 16384
 
 
-SWAP_EAGER_FROM_TOKENS = 4096  # see Engine._forward
+SWAP_FROM_TOKENS = 1024  # see Engine._forward
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,8 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, block_size, self.layout.bytes_per_token)
         self._last_rows: torch.Tensor | None = None  # the last decode step's block tables (device)
         self.graphs = None
-        # eager forwards of at least this many tokens run with the captured step's swaps (None: none)
-        self.swap_eager_from_tokens: int | None = SWAP_EAGER_FROM_TOKENS
+        # prefill forwards of at least this many tokens run as the captured steps do (None: none)
+        self.swap_from_tokens: int | None = SWAP_FROM_TOKENS
         if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
             from sharedecode.cuda_graphs import DecodeGraphs
 
@@ -460,15 +460,15 @@ class Engine:
         kwargs = {}
         if keep is not None and self._keeps_logits:
             kwargs["logits_to_keep"] = upload(keep, device, i64)
-        # Where steps are captured, a prefill runs compiled with the captured steps' swaps (fused
-        # projections, the rotary in the kernels; bench/NOTES.md, item 38). Without compile, an
-        # eager forward of a long chunk still takes the swaps (item 37).
-        logits = None
-        if not is_decode and self.graphs is not None:
-            logits = self.graphs.prefill_forward(input_ids, position_ids, batch, kwargs)
+        # Where steps are captured, a prefill of at least `swap_from_tokens` tokens runs as they do:
+        # compiled (unless compile is off), with their swaps (fused projections, the rotary in the
+        # kernels). On the H100 that took M1's 2,048-token prefill from 29 to 19 ms and the
+        # 4,096-token one from 35 to 23 ms; at 512 tokens and below the forward is host-bound
+        # either way, and compiled it was no faster (bench/NOTES.md, items 37-39).
+        swapped = (not is_decode and self.graphs is not None and self.swap_from_tokens is not None
+                   and len(slots) >= self.swap_from_tokens)
+        logits = self.graphs.prefill_forward(input_ids, position_ids, batch, kwargs) if swapped else None
         if logits is None:
-            swapped = (self.graphs is not None and self.swap_eager_from_tokens is not None
-                       and len(slots) >= self.swap_eager_from_tokens)
             swaps = self.graphs.model_swaps() if swapped else paged_attention_enabled(self.model)
             with torch.inference_mode(), swaps:
                 logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,

@@ -118,6 +118,7 @@ def test_compiled_prefill_matches_the_model_and_serves_new_lengths_without_recom
 
     graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=recording_backend)
     engine.graphs = graphs  # prefill only: a decode step would capture a CUDA graph
+    engine.swap_from_tokens = 1
     gen = torch.Generator().manual_seed(3)
     first, second, third = (torch.randint(3, 96, (n,), generator=gen).tolist() for n in (19, 33, 26))
     suffixed = first[:16] + [7, 8, 9, 10, 11]  # two cached blocks, then a suffix prefill
@@ -161,6 +162,7 @@ def test_compiled_prefill_falls_back_to_the_model_when_compilation_fails():
 
     graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=failing_backend)
     engine.graphs = graphs
+    engine.swap_from_tokens = 1
     prompt = list(range(10, 31))
     try:
         with pytest.warns(RuntimeWarning, match="prefills run uncompiled"):
@@ -174,3 +176,31 @@ def test_compiled_prefill_falls_back_to_the_model_when_compilation_fails():
         assert _rel_err(logits[0], model(torch.tensor([prompt])).logits[0, -1]) < 1e-4
         assert _rel_err(logits_again[0], model(torch.tensor([list(range(40, 52))])).logits[0, -1]) < 1e-4
     assert engine.kv_stats().blocks_in_use == 0
+
+
+def test_only_prefills_of_swap_from_tokens_or_more_run_compiled():
+    torch._dynamo.reset()
+    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled = aot_eager(graph_module, example_inputs)
+        return lambda *args: calls.append(1) or compiled(*args)
+
+    graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=counting_backend)
+    engine.graphs = graphs
+    engine.swap_from_tokens = 30
+    try:
+        for length, compiled in ((29, False), (30, True), (12, False), (41, True)):
+            before = len(calls)
+            engine.prefill([engine.add(list(range(3, 3 + length)))])
+            assert (len(calls) > before) == compiled, length
+            engine.free_all()
+            engine.reset_prefix_cache()
+        engine.swap_from_tokens = None
+        engine.prefill([engine.add(list(range(3, 60)))])
+        assert len(calls) == 2
+    finally:
+        engine.graphs = None
+        engine.free_all()

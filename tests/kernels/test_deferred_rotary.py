@@ -72,7 +72,7 @@ def test_graph_path_with_deferred_rotary_matches_hf(arch, scenario, monkeypatch,
     monkeypatch.setattr(rotary, "rope_write_kv", lambda *a: writes.append(1) or rope_write_kv(*a))
     model = make_model(arch)
     engine, _ = graph_engine(model, monkeypatch)
-    engine.swap_eager_from_tokens = 1  # the prefill (one forward) with the step's swaps too
+    engine.swap_from_tokens = 1  # the prefill (one forward) with the step's swaps too
     assert engine.graphs.rotary.modules
     steps = 2
     decode_and_check(engine, model, scenario, steps=steps)
@@ -85,12 +85,12 @@ def test_graph_path_with_deferred_rotary_matches_hf(arch, scenario, monkeypatch,
 
 
 @pytest.mark.parametrize("swap_from,swapped", [(None, False), (34, False), (33, True), (0, True)])
-def test_eager_forwards_take_the_swaps_from_a_number_of_tokens(monkeypatch, taken, swap_from, swapped):
-    """Engine.swap_eager_from_tokens: a prefill forward of 33 tokens (scenario "none") runs with the
+def test_prefill_forwards_take_the_swaps_from_a_number_of_tokens(monkeypatch, taken, swap_from, swapped):
+    """Engine.swap_from_tokens: a prefill forward of 33 tokens (scenario "none") runs with the
     captured step's swaps (its rotary deferred) from that many tokens on, never with None."""
     model = make_model("llama")
     engine, _ = graph_engine(model, monkeypatch)
-    engine.swap_eager_from_tokens = swap_from
+    engine.swap_from_tokens = swap_from
     decode_and_check(engine, model, "none", steps=1)
     layers = model.config.num_hidden_layers
     assert sum(t is not None for t in taken) == layers * (2 if swapped else 1)
