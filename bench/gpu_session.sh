@@ -24,6 +24,8 @@
 #                                               #   a fresh prefix cache; M1's decode step
 #   COMMIT=<sha> bash bench/gpu_session.sh 11   # ~8 min: the compiled prefill: profile (eager,
 #                                               #   eager with swaps, compiled), GPU checks
+#   COMMIT=<sha> bash bench/gpu_session.sh 12   # ~7 min: host time of the prefill's launches;
+#                                               #   GPU checks of the shared-prompt prefill
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -104,8 +106,13 @@ case "${1:-1}" in
     run 170 check-beams python bench/check_decode_gpu.py --only beams
     run 170 check-shared python bench/check_decode_gpu.py --only shared
     ;;
+12)
+    run 90 host-launch python bench/host_launch.py --out "$OUT/host-launch-$COMMIT.json"
+    run 260 check-shared python bench/check_decode_gpu.py --only shared
+    run 200 check-plain python bench/check_decode_gpu.py --only plain
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12" >&2
     exit 2
     ;;
 esac

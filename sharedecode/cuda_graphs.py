@@ -227,11 +227,14 @@ class DecodeGraphs:
         # The kernels need no bound on the context for a prefill; a python int here would be a
         # guard, and so a compilation, per value.
         batch = dataclasses.replace(batch, max_context_len=None)
-        varying = [(input_ids, 1), (position_ids, 1), (batch.slot_mapping, 0), (batch.block_tables, 0),
-                   (batch.block_tables, 1), (batch.context_lens, 0), (batch.query_start_loc, 0)]
-        varying += [(kept, 0) for kept in model_kwargs.values() if isinstance(kept, torch.Tensor)]
-        for tensor, dim in varying:
+        for tensor, dim in [(input_ids, 1), (position_ids, 1), (batch.slot_mapping, 0), (batch.block_tables, 1)]:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        # The sequence count and the number of logits kept are unbacked: no 0/1 specialisation, so
+        # one chunk of one prompt, of several, or of none that ends share one compilation.
+        counts = [(batch.block_tables, 0), (batch.context_lens, 0), (batch.query_start_loc, 0)]
+        counts += [(kept, 0) for kept in model_kwargs.values() if isinstance(kept, torch.Tensor)]
+        for tensor, dim in counts:
+            torch._dynamo.decorators.mark_unbacked(tensor, dim)
         try:
             with torch.inference_mode(), self.model_swaps(), _more_recompiles():
                 return self.compiled_prefill(input_ids, position_ids, batch, model_kwargs)

@@ -188,6 +188,7 @@ class Engine:
         self.graphs = None
         # prefill forwards of at least this many tokens run as the captured steps do (None: none)
         self.swap_from_tokens: int | None = SWAP_FROM_TOKENS
+        self.prefilled_tokens = 0  # prompt tokens run through prefill forwards (cached ones are not)
         if cuda_graphs and self.device.type == "cuda" and self.backend == "triton":
             from sharedecode.cuda_graphs import DecodeGraphs
 
@@ -253,9 +254,18 @@ class Engine:
         """Compute the uncached prompt tokens of `tables`; returns each one's last-token logits [S, V].
 
         Chunked: at most `max_prefill_tokens` tokens per forward. Tables are computed in order, so a
-        table that reuses blocks another table of the same call is computing finds them written.
+        table that reuses blocks an earlier table of the same call computes starts after them: they
+        are written by an earlier forward, or by the same one (each layer writes every new key and
+        value before attending). A system prompt shared by a batch of requests is computed once.
         """
-        work = [(table, self._first_uncomputed(table), table.num_tokens) for table in tables]
+        work = []
+        scheduled: set[int] = set()  # blocks an earlier table of this call computes
+        bs = self.block_size
+        for table in tables:
+            start = self._first_uncomputed(table, scheduled)
+            work.append((table, start, table.num_tokens))
+            scheduled.update(table.block_ids[start // bs : table.num_tokens // bs])
+            self.prefilled_tokens += table.num_tokens - start
         logits = [None] * len(tables)
         chunk: list[tuple[int, int, int]] = []  # (table index, start, end)
         budget = self.max_prefill_tokens
@@ -274,15 +284,16 @@ class Engine:
             self.allocator.mark_computed(table)
         return torch.stack(logits)
 
-    def _first_uncomputed(self, table: BlockTable) -> int:
-        """Where `table`'s prefill starts: after its cached blocks whose KV is already written.
-
-        A reused block that another table is still computing is recomputed here (writing the same
-        K/V into the shared slot is harmless), so the order of tables never matters.
-        """
+    def _first_uncomputed(self, table: BlockTable, scheduled: set[int]) -> int:
+        """Where `table`'s prefill starts: after its cached blocks whose KV is already written or is
+        `scheduled` (computed by an earlier table of the same call). A reused block that neither
+        holds (another table's, still being computed elsewhere) is recomputed here: writing the
+        same K/V into the shared slot is harmless."""
         bs = self.block_size
+        computed = self.allocator.computed
         for index in range(table.num_cached_tokens // bs):
-            if not self.allocator.computed[table.block_ids[index]]:
+            block_id = table.block_ids[index]
+            if not computed[block_id] and block_id not in scheduled:
                 return index * bs
         return table.num_cached_tokens
 

@@ -284,7 +284,9 @@ def test_shared_prefix_reuses_cached_blocks(arch_model):
     t4 = engine.add(fourth)
     assert t3.num_cached_tokens == 16
     assert t4.num_cached_tokens == 24  # its third block is t3's, not computed yet...
+    before = engine.prefilled_tokens
     logits = engine.prefill([t3, t4])  # ...but t3 is computed first, in the same forward
+    assert engine.prefilled_tokens - before == (26 - 16) + (27 - 24)  # t4 only its own 3 tokens
     assert_close(logits[0], reference_logits(model, third)[-1], f"{arch} third")
     assert_close(logits[1], reference_logits(model, fourth)[-1], f"{arch} fourth")
     engine.free_all()
@@ -295,6 +297,26 @@ def test_shared_prefix_reuses_cached_blocks(arch_model):
     assert t5.num_cached_tokens == 0
     assert_close(engine.prefill([t5])[0], reference_logits(model, third)[-1], f"{arch} after reset")
     engine.free_all()
+
+
+@pytest.mark.parametrize("max_prefill_tokens", [4096, 20])
+def test_a_system_prompt_shared_in_one_prefill_call_is_computed_once(max_prefill_tokens):
+    """Requests sharing a system prompt, admitted together (nothing cached yet): the first computes
+    the shared blocks, the others only their own tokens, in the same forward or in later chunks,
+    and every request's logits are its full prompt's."""
+    model = make_model("llama")
+    engine = Engine(model, block_size=BLOCK, kv_cache_bytes=2**22, max_prefill_tokens=max_prefill_tokens)
+    system = prompts(5, [2 * BLOCK + 3])[0]
+    requests = [system + own for own in prompts(6, [5, 9, 1, 12])]
+    tables = [engine.add(r) for r in requests]
+    assert [t.num_cached_tokens for t in tables] == [0] + [2 * BLOCK] * 3
+    logits = engine.prefill(tables)
+    assert engine.prefilled_tokens == sum(map(len, requests)) - 3 * 2 * BLOCK
+    for request, row in zip(requests, logits):
+        assert_close(row, reference_logits(model, request)[-1], f"{len(request)} tokens")
+    check_steps(engine, model, tables, [list(r) for r in requests], 2, seed=4)
+    engine.free_all()
+    assert engine.kv_stats().blocks_in_use == 0
 
 
 def _cached_pair(engine):
