@@ -26,6 +26,7 @@
 #                                               #   eager with swaps, compiled), GPU checks
 #   COMMIT=<sha> bash bench/gpu_session.sh 12   # ~7 min: host time of the prefill's launches;
 #                                               #   GPU checks of the shared-prompt prefill
+#   COMMIT=<sha> bash bench/gpu_session.sh 13   # ~5 min: M1 end to end, issue #7's workloads only
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -111,8 +112,12 @@ case "${1:-1}" in
     run 260 check-shared python bench/check_decode_gpu.py --only shared
     run 200 check-plain python bench/check_decode_gpu.py --only plain
     ;;
+13)
+    run 290 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 260 --out "$OUT/e2e-M1-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13" >&2
     exit 2
     ;;
 esac

@@ -236,7 +236,7 @@ class DecodeGraphs:
         for tensor, dim in counts:
             torch._dynamo.decorators.mark_unbacked(tensor, dim)
         try:
-            with torch.inference_mode(), self.model_swaps(), _more_recompiles():
+            with torch.inference_mode(), self.model_swaps(), _more_recompiles():  # (swaps forget inputs)
                 return self.compiled_prefill(input_ids, position_ids, batch, model_kwargs)
         except torch.OutOfMemoryError:
             raise
@@ -248,6 +248,8 @@ class DecodeGraphs:
 
     def _forward(self, key: GraphKey) -> torch.Tensor:
         step = self.compiled or self._model_step
+        if self.fuser is not None:
+            self.fuser.forget_inputs()  # the same guards for every warm-up forward (see there)
         d = self.staging.device
         if self.copies_in_graph:  # the step's copy-on-write pairs, padded with -1 (skipped)
             copy_blocks(self.engine.pool.tensor, d["copy_src"][: key.size], d["copy_dst"][: key.size])

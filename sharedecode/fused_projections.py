@@ -222,5 +222,11 @@ class ProjectionFuser:
                 del module.forward
             for module, name, _stand_in, original in swaps:
                 module._modules[name] = original
-            for _module, _names, _linears, fused in self.groups:
-                fused.input = fused.output = None  # hold no activation past the block
+            self.forget_inputs()  # hold no activation past the block
+
+    def forget_inputs(self) -> None:
+        """Drop each group's last input and output. Before every compiled forward too: torch.compile
+        guards on them (None, or a tensor of the last forward's shape), so a forward that found the
+        previous one's tensors would compile the model again."""
+        for _module, _names, _linears, fused in self.groups:
+            fused.input = fused.output = None

@@ -204,3 +204,33 @@ def test_only_prefills_of_swap_from_tokens_or_more_run_compiled():
     finally:
         engine.graphs = None
         engine.free_all()
+
+
+def test_warm_up_forwards_compile_the_step_once():
+    """`_warm_up` runs the step three times in one block of swaps: each forward must find the fused
+    projections without the previous forward's tensors (torch.compile guards on them), or every
+    graph capture compiles the step twice and the compilations pile up to dynamo's limit."""
+    torch._dynamo.reset()
+    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=64)
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.append(graph_module.code)
+        return aot_eager(graph_module, example_inputs)
+
+    graphs.compiled = torch.compile(graphs._model_step, backend=recording_backend)
+    tables = [engine.add(list(range(5, 5 + n))) for n in (7, 12)]
+    engine.prefill(tables)
+    try:
+        for table, token in zip(tables, (40, 41)):
+            engine.allocator.append(table, [token])
+        key = graphs.stage([40, 41], [t.num_tokens - 1 for t in tables],
+                           [engine.allocator.slot_mapping(t, t.num_tokens - 1, t.num_tokens)[0] for t in tables],
+                           [t.block_ids for t in tables], [t.num_tokens for t in tables])
+        with torch.inference_mode(), graphs.model_swaps():
+            graphs._warm_up(key)
+        assert len(traced) == 1
+        assert all(fused.input is None for *_, fused in graphs.fuser.groups)  # nothing held after
+    finally:
+        engine.free_all()
