@@ -22,11 +22,12 @@ NAMES = ["W-shared 256", "W-beam-batch 16x8", "W-beam k=8"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None)
+    parser.add_argument("--names", default=",".join(NAMES), help="workloads in this order, comma-separated")
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args()
     engine, report = setup("M1")
     print(report, flush=True)
-    for name, prompts, strategy in workloads(engine, NAMES, args.only):
+    for name, prompts, strategy in workloads(engine, args.names.split(","), args.only):
         for run in range(args.runs):
             engine.reset_prefix_cache()
             torch.cuda.synchronize()

@@ -226,7 +226,16 @@ class DecodeGraphs:
             return None
         # The kernels need no bound on the context for a prefill; a python int here would be a
         # guard, and so a compilation, per value.
-        batch = dataclasses.replace(batch, max_context_len=None)
+        # Fresh copies of the inputs: they are views into `upload`'s ring, and torch.compile
+        # specialises a view's storage offset at 0 and 1, so the ring wrapping round would compile
+        # the model again (seen on the H100 in W-shared 256: bench/results/...-recompiles-order-*).
+        input_ids, position_ids = input_ids.clone(), position_ids.clone()
+        model_kwargs = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                        for name, value in model_kwargs.items()}
+        batch = dataclasses.replace(batch, max_context_len=None, slot_mapping=batch.slot_mapping.clone(),
+                                    block_tables=batch.block_tables.clone(),
+                                    context_lens=batch.context_lens.clone(),
+                                    query_start_loc=batch.query_start_loc.clone())
         for tensor, dim in [(input_ids, 1), (position_ids, 1), (batch.slot_mapping, 0), (batch.block_tables, 1)]:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
         # The sequence count and the number of logits kept are unbacked: no 0/1 specialisation, so

@@ -234,3 +234,41 @@ def test_warm_up_forwards_compile_the_step_once():
         assert all(fused.input is None for *_, fused in graphs.fuser.groups)  # nothing held after
     finally:
         engine.free_all()
+
+
+@pytest.mark.parametrize("offsets", [(0, 24), (24, 0), (1, 40)])
+def test_compiled_prefill_does_not_recompile_where_the_upload_ring_wraps(monkeypatch, offsets):
+    """The prefill's inputs are views into `upload`'s ring; torch.compile specialises a view's
+    storage offset at 0 and 1, so the ring coming round to its start recompiled the model (H100,
+    W-shared 256). The compiled prefill takes copies: any offsets, one compilation."""
+    import sharedecode.engine as engine_module
+
+    torch._dynamo.reset()
+    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.append(1)
+        return aot_eager(graph_module, example_inputs)
+
+    graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=recording_backend)
+    engine.graphs = graphs
+    engine.swap_from_tokens = 1
+    offset = [0]
+
+    def upload_at(values, device, dtype):  # each upload a view at the chosen element offset
+        values = torch.tensor(list(values), dtype=dtype)
+        buffer = torch.zeros(offset[0] + len(values), dtype=dtype)
+        buffer[offset[0]:] = values
+        return buffer[offset[0]:]
+
+    monkeypatch.setattr(engine_module, "upload", upload_at)
+    try:
+        for index, at in enumerate(offsets):
+            offset[0] = at
+            engine.prefill([engine.add(list(range(3 + index, 30 + index)))])
+    finally:
+        engine.graphs = None
+        engine.free_all()
+    assert len(traced) == 1
