@@ -122,13 +122,20 @@ def _put(dst: np.ndarray, values: Sequence[int], size: int, pad: int) -> None:
     dst[len(values): size] = pad
 
 
-def _more_recompiles():
+# The most compilations of the prefill: it has one per class of chunk (at most 16 tokens, or more)
+# and a few at most if torch specialises something unforeseen; past this it runs uncompiled, so
+# that no workload pays a compilation (tens of seconds on the H100) per prefill.
+PREFILL_COMPILATIONS = 4
+
+
+def _more_recompiles(limit: int = 64):
     """Each graph key (bucket, group class) may need its own compilation: past dynamo's default
     limit of 8 per function the step silently runs uncompiled (and is captured that way). Raise
-    the limit, and past it fail loudly, so that `_warm_up` warns and captures the eager step."""
+    the limit (`limit`: at least), and past it fail loudly, so that `_warm_up` warns and captures the
+    eager step (the prefill: see PREFILL_COMPILATIONS)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    changes = {name: max(64, getattr(config, name))}
+    changes = {name: limit}
     if hasattr(config, "fail_on_recompile_limit_hit"):
         changes["fail_on_recompile_limit_hit"] = True
     return config.patch(**changes)
@@ -245,7 +252,7 @@ class DecodeGraphs:
         for tensor, dim in counts:
             torch._dynamo.decorators.mark_unbacked(tensor, dim)
         try:
-            with torch.inference_mode(), self.model_swaps(), _more_recompiles():  # (swaps forget inputs)
+            with torch.inference_mode(), self.model_swaps(), _more_recompiles(PREFILL_COMPILATIONS):
                 return self.compiled_prefill(input_ids, position_ids, batch, model_kwargs)
         except torch.OutOfMemoryError:
             raise

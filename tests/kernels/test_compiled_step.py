@@ -272,3 +272,30 @@ def test_compiled_prefill_does_not_recompile_where_the_upload_ring_wraps(monkeyp
         engine.graphs = None
         engine.free_all()
     assert len(traced) == 1
+
+
+def test_prefill_compilations_are_bounded_then_it_runs_uncompiled(monkeypatch):
+    """Past PREFILL_COMPILATIONS (here 1: a second class of chunk, at most 16 tokens, needs
+    another) the prefill warns and runs uncompiled from then on, with the same logits."""
+    import sharedecode.cuda_graphs as cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "PREFILL_COMPILATIONS", 1)
+    torch._dynamo.reset()
+    model = tiny_llama()
+    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=aot_eager)
+    engine.graphs = graphs
+    engine.swap_from_tokens = 1
+    long_prompt, short_prompt = list(range(3, 30)), list(range(40, 45))
+    try:
+        engine.prefill([engine.add(long_prompt)])
+        assert graphs.compiled_prefill is not None
+        with pytest.warns(RuntimeWarning, match="prefills run uncompiled"):
+            logits = engine.prefill([engine.add(short_prompt)])
+        assert graphs.compiled_prefill is None
+    finally:
+        engine.graphs = None
+        engine.free_all()
+    with torch.inference_mode():
+        assert _rel_err(logits[0], model(torch.tensor([short_prompt])).logits[0, -1]) < 1e-4
