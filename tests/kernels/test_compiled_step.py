@@ -102,20 +102,28 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_compiled_prefill_matches_the_model_and_serves_new_lengths_without_recompiling():
-    """Prefill chunks run through the dynamic-shape compilation with the step's swaps (fused
-    projections, deferred rotary): the last-token logits equal the model's own forward, and prompts
-    of other lengths reuse the compiled graph."""
+def fresh_engine_and_graphs(max_context: int = 128):
+    """(model, engine, graphs, traced, recording_backend) on a fresh dynamo: the tiny model's
+    engine, its DecodeGraphs, and a compiler backend (aot_eager) that keeps each graph's code in
+    `traced`."""
     torch._dynamo.reset()
     model = tiny_llama()
     engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    graphs = DecodeGraphs(engine, max_batch=8, max_context=max_context)
     traced = []
 
     def recording_backend(graph_module, example_inputs):
         traced.append(graph_module.code)
         return aot_eager(graph_module, example_inputs)
 
+    return model, engine, graphs, traced, recording_backend
+
+
+def test_compiled_prefill_matches_the_model_and_serves_new_lengths_without_recompiling():
+    """Prefill chunks run through the dynamic-shape compilation with the step's swaps (fused
+    projections, deferred rotary): the last-token logits equal the model's own forward, and prompts
+    of other lengths reuse the compiled graph."""
+    model, engine, graphs, traced, recording_backend = fresh_engine_and_graphs()
     graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=recording_backend)
     engine.graphs = graphs  # prefill only: a decode step would capture a CUDA graph
     engine.swap_from_tokens = 1
@@ -152,10 +160,7 @@ def test_compiled_prefill_matches_the_model_and_serves_new_lengths_without_recom
 
 
 def test_compiled_prefill_falls_back_to_the_model_when_compilation_fails():
-    torch._dynamo.reset()
-    model = tiny_llama()
-    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    model, engine, graphs, _, _ = fresh_engine_and_graphs()
 
     def failing_backend(graph_module, example_inputs):
         raise RuntimeError("no compiler here")
@@ -179,9 +184,7 @@ def test_compiled_prefill_falls_back_to_the_model_when_compilation_fails():
 
 
 def test_only_prefills_of_swap_from_tokens_or_more_run_compiled():
-    torch._dynamo.reset()
-    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    _, engine, graphs, _, _ = fresh_engine_and_graphs()
     calls = []
 
     def counting_backend(graph_module, example_inputs):
@@ -210,15 +213,7 @@ def test_warm_up_forwards_compile_the_step_once():
     """`_warm_up` runs the step three times in one block of swaps: each forward must find the fused
     projections without the previous forward's tensors (torch.compile guards on them), or every
     graph capture compiles the step twice and the compilations pile up to dynamo's limit."""
-    torch._dynamo.reset()
-    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=64)
-    traced = []
-
-    def recording_backend(graph_module, example_inputs):
-        traced.append(graph_module.code)
-        return aot_eager(graph_module, example_inputs)
-
+    _, engine, graphs, traced, recording_backend = fresh_engine_and_graphs(max_context=64)
     graphs.compiled = torch.compile(graphs._model_step, backend=recording_backend)
     tables = [engine.add(list(range(5, 5 + n))) for n in (7, 12)]
     engine.prefill(tables)
@@ -243,15 +238,7 @@ def test_compiled_prefill_does_not_recompile_where_the_upload_ring_wraps(monkeyp
     W-shared 256). The compiled prefill takes copies: any offsets, one compilation."""
     import sharedecode.engine as engine_module
 
-    torch._dynamo.reset()
-    engine = Engine(tiny_llama(), backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
-    traced = []
-
-    def recording_backend(graph_module, example_inputs):
-        traced.append(1)
-        return aot_eager(graph_module, example_inputs)
-
+    _, engine, graphs, traced, recording_backend = fresh_engine_and_graphs()
     graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=recording_backend)
     engine.graphs = graphs
     engine.swap_from_tokens = 1
@@ -280,10 +267,7 @@ def test_prefill_compilations_are_bounded_then_it_runs_uncompiled(monkeypatch):
     import sharedecode.cuda_graphs as cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "PREFILL_COMPILATIONS", 1)
-    torch._dynamo.reset()
-    model = tiny_llama()
-    engine = Engine(model, backend="triton", block_size=8, kv_cache_bytes=2**20)
-    graphs = DecodeGraphs(engine, max_batch=8, max_context=128)
+    model, engine, graphs, _, _ = fresh_engine_and_graphs()
     graphs.compiled_prefill = torch.compile(graphs._model_prefill, backend=aot_eager)
     engine.graphs = graphs
     engine.swap_from_tokens = 1
