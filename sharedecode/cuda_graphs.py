@@ -130,9 +130,9 @@ PREFILL_COMPILATIONS = 4
 
 def _more_recompiles(limit: int = 64):
     """Each graph key (bucket, group class) may need its own compilation: past dynamo's default
-    limit of 8 per function the step silently runs uncompiled (and is captured that way). Raise
-    the limit (`limit`: at least), and past it fail loudly, so that `_warm_up` warns and captures the
-    eager step (the prefill: see PREFILL_COMPILATIONS)."""
+    limit of 8 per function the step silently runs uncompiled (and is captured that way). Set the
+    limit to `limit` compilations, and past it fail loudly, so that `_warm_up` warns and captures
+    the eager step (and `prefill_forward` warns and runs eagerly: see PREFILL_COMPILATIONS)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     changes = {name: limit}
@@ -231,11 +231,11 @@ class DecodeGraphs:
         runs the model itself; a failure warns once and turns the compiled prefill off)."""
         if self.compiled_prefill is None:
             return None
-        # The kernels need no bound on the context for a prefill; a python int here would be a
-        # guard, and so a compilation, per value.
         # Fresh copies of the inputs: they are views into `upload`'s ring, and torch.compile
         # specialises a view's storage offset at 0 and 1, so the ring wrapping round would compile
         # the model again (seen on the H100 in W-shared 256: bench/results/...-recompiles-order-*).
+        # No max_context_len: the kernels need no bound on the context for a prefill, and a python
+        # int would be a guard, and so a compilation, per value.
         input_ids, position_ids = input_ids.clone(), position_ids.clone()
         model_kwargs = {name: value.clone() if isinstance(value, torch.Tensor) else value
                         for name, value in model_kwargs.items()}
