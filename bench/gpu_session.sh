@@ -27,6 +27,8 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 12   # ~7 min: host time of the prefill's launches;
 #                                               #   GPU checks of the shared-prompt prefill
 #   COMMIT=<sha> bash bench/gpu_session.sh 13   # ~5 min: M1 end to end, issue #7's workloads only
+#   COMMIT=<sha> bash bench/gpu_session.sh 14   # ~3 min: no compilation after a workload's first
+#                                               #   run (dynamo's recompile log, e2e order)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -116,8 +118,13 @@ case "${1:-1}" in
     run 290 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 260 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
+14)
+    TORCH_LOGS=recompiles timeout 240 python bench/recompiles.py --runs 4 \
+        --names "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch 16x8" > "$OUT/recompiles-$COMMIT.log" 2>&1
+    grep -E "^==|Recompiling|- [0-9]" "$OUT/recompiles-$COMMIT.log" | cut -c1-300
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14" >&2
     exit 2
     ;;
 esac
