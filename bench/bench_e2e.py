@@ -215,26 +215,29 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
                                                padding_side="left")
         return model.generate(batch.to(device), attention_mask=mask.to(device), **hf_kwargs)
 
-    t_ours, all_ours, result = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+    def time_ours():  # every run on a fresh prefix cache (see `timed`)
+        return timed(run_ours, device, repeats, engine.reset_prefix_cache)
+
+    t_ours, all_ours, result = time_ours()
     plain = None
     if ablate_shared_prefix and engine.shared_prefix:  # the same run with plain paged attention
         engine.shared_prefix = False
         try:
-            plain, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+            plain, _, _ = time_ours()
         finally:
             engine.shared_prefix = True
     stepped = None
     if ablate_look_ahead and engine.look_ahead:  # the same run reading each step's results first
         engine.look_ahead = False
         try:
-            stepped, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+            stepped, _, _ = time_ours()
         finally:
             engine.look_ahead = True
     launched_copies = None
     if ablate_graph_copies and engine.graphs is not None:  # copy-on-write launched before each replay
         engine.graphs.takes_copies = lambda copies, num_seqs: False
         try:
-            launched_copies, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+            launched_copies, _, _ = time_ours()
         finally:
             del engine.graphs.takes_copies
     eager_prefill = None
@@ -242,7 +245,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         compiled_prefill = engine.graphs.compiled_prefill  # eager, the swaps from swap_from_tokens
         engine.graphs.compiled_prefill = None
         try:
-            eager_prefill, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+            eager_prefill, _, _ = time_ours()
         finally:
             engine.graphs.compiled_prefill = compiled_prefill
     sorted_top_p = None
@@ -250,7 +253,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort
         sampling.FUSED_TOP_P = False
         try:
-            sorted_top_p, _, _ = timed(run_ours, device, repeats, engine.reset_prefix_cache)
+            sorted_top_p, _, _ = time_ours()
         finally:
             sampling.FUSED_TOP_P = True
     stats = (result[0] if isinstance(result, list) else result).stats
