@@ -29,6 +29,8 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 13   # ~5 min: M1 end to end, issue #7's workloads only
 #   COMMIT=<sha> bash bench/gpu_session.sh 14   # ~3 min: no compilation after a workload's first
 #                                               #   run (dynamo's recompile log, e2e order)
+#   COMMIT=<sha> bash bench/gpu_session.sh 15   # ~5 min: where W-shared 256's time goes (profile
+#                                               #   of a run; the cascade's parts timed alone)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -123,8 +125,14 @@ case "${1:-1}" in
         --names "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch 16x8" > "$OUT/recompiles-$COMMIT.log" 2>&1
     grep -E "^==|Recompiling|- [0-9]" "$OUT/recompiles-$COMMIT.log" | cut -c1-300
     ;;
+15)
+    run 200 profile-shared python bench/profile_gpu.py --skip-decode --only W-shared \
+        --out "$OUT/profile-M1-shared-$COMMIT.json"
+    run 150 cascade python bench/bench_cascade_shapes.py --only WS256,WS256own,WSample64,WBeamBatch \
+        --variants default,separate,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15" >&2
     exit 2
     ;;
 esac

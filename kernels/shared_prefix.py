@@ -395,7 +395,7 @@ def _check_decode(query, block_tables):
 
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps"}
+                "suffix_warps", "part"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -404,7 +404,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     """Tile sizes and split counts of one cascade launch; ``cfg`` overrides the defaults, for
     benchmarks: prefix_m (rows per prefix program), prefix_tile / suffix_tile (keys per tile),
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
-    suffix_warps warps)."""
+    suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
+    incomplete result that only times the part)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -422,7 +423,9 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # 2 stages: as fast or faster than the default (3) at every shape of bench_cascade_shapes,
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
-         "suffix_warps": cfg.get("suffix_warps") or 4}
+         "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part")}
+    if c["part"] not in (None, "prefix", "own"):
+        raise ValueError(f"_config part must be 'prefix' or 'own', got {c['part']!r}")
     if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
         base = groups.num_chunks * c["row_tiles"] * hkv
         prefix_splits = max(1, min(-(-2 * _num_sms(device) // base), 64))
@@ -474,6 +477,12 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
         PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
+    if c["part"] == "prefix":  # timing a part alone (benchmarks): no merge
+        _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1, num_warps=c["num_warps"], **meta)
+        return
+    if c["part"] == "own":
+        _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2, num_warps=c["suffix_warps"], **meta)
+        return
     if c["separate"]:
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,
                                      num_warps=c["num_warps"], **meta)
