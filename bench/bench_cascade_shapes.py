@@ -79,7 +79,6 @@ VARIANTS = {
     "ns2": v(num_stages=2),
     "ns4": v(num_stages=4),
     "separate_ps2": v(2, separate=True),
-    "merge_kernel": v(merge_kernel=True),  # the partials merged by a second launch
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

@@ -386,20 +386,38 @@ SHARED_VARIANTS = {  # name -> shared_prefix_decode kwargs; "default" = no overr
     "m64_s8_pt64": _v(8, prefix_m=64, prefix_tile=64),
     "m128_s8_pt64": _v(8, prefix_m=128, prefix_tile=64),
     "sep_m64_s8_pt32": _v(8, prefix_m=64, prefix_tile=32, separate=True),
-    "merge_kernel": _v(merge_kernel=True),  # the partials merged by a second launch (the old default)
 }
 BREAKDOWN = ("default", "sep_m64_s8_pt32")
 
 
-def time_parts(fn, kw):
-    """Graph-replay times of the call fn(**kw) with each part alone: prefix programs only, own-key
-    programs only (``_config`` part: no merge, an incomplete result), and the whole call with the
-    partials merged by a second launch (``_config`` merge_kernel) instead of by their last writer."""
-    cfg = kw.get("_config") or {}
-    parts = {"prefix_only": {"part": "prefix"}, "own_only": {"part": "own"},
-             "merge_kernel": {"merge_kernel": True}}
-    return {name: med_graph(lambda extra=extra: fn(**{**kw, "_config": {**cfg, **extra}}))
-            for name, extra in parts.items()}
+class _LaunchFilter:
+    """Stands in for a Triton kernel of shared_prefix: launches only the calls whose keyword
+    arguments pass ``keep`` (to time parts of a call; the output is then wrong)."""
+
+    def __init__(self, kern, keep):
+        self.kern, self.keep = kern, keep
+
+    def __getitem__(self, grid):
+        launch = self.kern[grid]
+        return lambda *a, **kw: launch(*a, **kw) if self.keep(kw) else None
+
+
+def time_parts(fn):
+    """Graph-replay times of fn with only some of its launches: no merge, prefix programs only,
+    own-key programs only (the last two for separate=True), merge only."""
+    from sharedecode.kernels import shared_prefix as sp
+    kern, merge = sp._cascade_kernel, sp._cascade_merge_kernel
+    parts = {"no_merge": (lambda kw: True, False), "prefix_only": (lambda kw: kw["ROLE"] == 1, False),
+             "suffix_only": (lambda kw: kw["ROLE"] == 2, False), "merge_only": (lambda kw: False, True)}
+    out = {}
+    try:
+        for name, (keep, keep_merge) in parts.items():
+            sp._cascade_kernel = _LaunchFilter(kern, keep)
+            sp._cascade_merge_kernel = _LaunchFilter(merge, lambda kw, m=keep_merge: m)
+            out[name] = med_graph(fn)
+    finally:
+        sp._cascade_kernel, sp._cascade_merge_kernel = kern, merge
+    return out
 
 
 def loop_graph(fn, n=50):
@@ -486,9 +504,8 @@ def shared(copy_gbps, n=64, prefix=4096, own=128):
     for name, kw in SHARED_VARIANTS.items():
         r = variants[name] = dict(kw)
         try:
-            call = lambda **kw: shared_prefix_decode(q, k, v, bt, cl, scale=SCALE,  # noqa: E731
-                                                     groups=groups, out=o, **kw)
-            fn = lambda kw=kw: call(**kw)  # noqa: E731
+            fn = lambda: shared_prefix_decode(q, k, v, bt, cl, scale=SCALE, groups=groups,  # noqa: E731
+                                              out=o, **kw)
             o.fill_(float("nan"))
             fn()
             r["err"] = rel(o, ref)
@@ -496,7 +513,7 @@ def shared(copy_gbps, n=64, prefix=4096, own=128):
             r["graph_ms"] = med_graph(fn)
             if name in BREAKDOWN:
                 r["noflush_ms"] = loop_graph(fn)
-                r["parts_graph_ms"] = time_parts(call, kw)
+                r["parts_graph_ms"] = time_parts(fn)
         except Exception as e:  # noqa: BLE001
             r["note"] = f"failed: {e!r}"[:500]
             RES["errors"].append(f"shared {name}: {e!r}")

@@ -31,10 +31,6 @@
 #                                               #   run (dynamo's recompile log, e2e order)
 #   COMMIT=<sha> bash bench/gpu_session.sh 15   # ~5 min: where W-shared 256's time goes (profile
 #                                               #   of a run; the cascade's parts timed alone)
-#   COMMIT=<sha> bash bench/gpu_session.sh 16   # ~8 min: the cascade merged by its last writer:
-#                                               #   kernel tests (a race stress test among them),
-#                                               #   engine shapes and W-kernel timed both ways,
-#                                               #   GPU checks of the shared-prefix engine path
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -135,15 +131,8 @@ case "${1:-1}" in
     run 150 cascade python bench/bench_cascade_shapes.py --only WS256,WS256own,WSample64,WBeamBatch \
         --variants default,separate,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
     ;;
-16)
-    run 130 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_shared_prefix.py
-    run 130 cascade python bench/bench_cascade_shapes.py --only WS256,WSample64,WBeamBatch,WKernel \
-        --variants default,merge_kernel,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
-    run 140 kernels-shared python bench/bench_kernels.py --only=shared
-    run 170 check-shared python bench/check_decode_gpu.py --only shared
-    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15" >&2
     exit 2
     ;;
 esac

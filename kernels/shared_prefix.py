@@ -13,10 +13,8 @@ One launch does both parts (a cascade, with split-KV on both): its first program
 row tile (default 64 rows = group members x the GQA heads of one KV head; chunks of up to 64
 members) against one split of the group's shared prefix, so the prefix is read from memory once
 per KV head, not once per sequence, and the splits fill the GPU; its other programs attend each
-sequence to its own keys (from its prefix length on; sequences in no group: all keys). Each
-program stores an fp32 partial and counts it in for its (sequence, KV head) with an atomic add;
-the program that stores the last one merges them by log-sum-exp (no second launch: at W-shared
-256's shape the merge kernel took 7 of 54 us). No host sync and no fill: CUDA-graph safe. The prefix
+sequence to its own keys (from its prefix length on; sequences in no group: all keys). A second
+small kernel merges the fp32 partials. No host sync and no fill: CUDA-graph safe. The prefix
 splits are cut in-kernel from each chunk's runtime prefix length and padding chunks (count 0) exit
 at once, so a launch whose config comes from the shapes alone (a PrefixGroups with
 ``max_prefix_len=None``, its tensors refilled in place every step) can be captured once and replayed
@@ -61,10 +59,6 @@ class PrefixGroups:
     (the launch's rows per chunk: a capacity, >= every chunk's count); ``max_prefix_len`` and
     ``max_suffix_len`` (tokens) for choosing split counts, None when unknown at launch time (the
     split counts then follow from the shapes alone, so the launch is the same for any lengths).
-    ``arrivals``: int32 zeros, >= S x KV heads: the cascade's per-(sequence, KV head) count of
-    stored partials, back at zero after every call, so every layer of a step (and every replay of
-    a CUDA graph) reuses it; allocated at the first call when None. Calls sharing one must not run
-    concurrently (two streams).
     """
 
     members: torch.Tensor
@@ -77,7 +71,6 @@ class PrefixGroups:
     max_chunk_members: int
     max_prefix_len: int | None
     max_suffix_len: int | None
-    arrivals: torch.Tensor | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -227,34 +220,6 @@ if HAS_TRITON:
         tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
 
     @triton.jit
-    def _merge_rows(PACC, PLSE, OUT, pbase, obase, rows, first, NS: tl.constexpr, D: tl.constexpr,
-                    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-        """out[row] = the log-sum-exp-weighted mean of the row's partials in slots [first, NS)
-        (pbase: the row's slot 0), for the rows where ``rows`` holds. Loads bypass L1 (.cg):
-        other programs wrote these partials during this launch."""
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < D
-        m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        den = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        first = tl.zeros([BLOCK_M], dtype=tl.int32) + first  # (a vector: the interpreter's
-        for slot in tl.static_range(NS):                       # vector & scalar mask is int32)
-            live = rows & (first <= slot)
-            lse = tl.load(PLSE + pbase // D_PAD + slot, mask=live, other=float("-inf"),
-                          cache_modifier=".cg")
-            part = tl.load(PACC + pbase[:, None] + slot * D_PAD + offs_d[None, :],
-                           mask=live[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha[:, None] + part * w[:, None]
-            den = den * alpha + w
-            m = m_new
-        den = tl.where(den == 0.0, 1.0, den)
-        tl.store(OUT + obase[:, None] + offs_d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
-                 mask=rows[:, None] & d_mask[None, :])
-
-    @triton.jit
     def _attend_to_partial(q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos,
                            stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
                            PACC, PLSE, pbase, row_valid, BLOCK_M: tl.constexpr, D: tl.constexpr,
@@ -276,20 +241,18 @@ if HAS_TRITON:
         _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
 
     @triton.jit
-    def _prefix_part(w, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE, OUT, ARRIVALS,
+    def _prefix_part(w, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
                      qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                      stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
-                     stride_ot, stride_oh,
                      HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, ROW_TILES: tl.constexpr, SPLITS: tl.constexpr,
-                     NS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     PREC: tl.constexpr, DOT_F32: tl.constexpr, MERGE: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                     DOT_F32: tl.constexpr):
         """Work item w = ((chunk * HKV + kv head) * SPLITS + split) * ROW_TILES + row tile: the
         rows (member x GQA head) of one row tile against one split of the chunk's shared prefix.
         Row tiles of one (chunk, head, split) are adjacent so they run together and share the
-        prefix tiles through L2. MERGE: then count this split in for each member's (sequence,
-        KV head); where it is the last of the NS to arrive, merge that member's rows into OUT."""
+        prefix tiles through L2."""
         r = w % ROW_TILES
         w = w // ROW_TILES
         split = w % SPLITS
@@ -323,37 +286,18 @@ if HAS_TRITON:
                 kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
                 PACC, PLSE, seq * stride_pt + head * stride_ph + split * D_PAD, row_valid,
                 BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
-            if MERGE:
-                mi = r * MEMBERS_PER_TILE + tl.arange(0, MEMBERS_PER_TILE)
-                m_valid = mi < count
-                m_seq = tl.load(MEMBERS + cstart + mi, mask=m_valid, other=0)
-                counter = ARRIVALS + m_seq * HKV + kvh
-                tl.debug_barrier()  # every thread's partial is stored before the release
-                arrived = tl.atomic_add(counter, 1, mask=m_valid, sem="acq_rel", scope="gpu")
-                m_last = m_valid & (arrived == NS - 1)  # members always have all NS partials
-                if tl.max(m_last.to(tl.int32), 0) > 0:
-                    tl.store(counter, 0, mask=m_last)  # ready for the next call
-                    tl.debug_barrier()
-                    last = tl.reshape(tl.broadcast_to(m_last[:, None], (MEMBERS_PER_TILE, G_PAD)),
-                                      (BLOCK_M,))
-                    _merge_rows(PACC, PLSE, OUT, seq * stride_pt + head * stride_ph,
-                                seq * stride_ot + head * stride_oh, row_valid & last, 0, NS, D,
-                                D_PAD, BLOCK_M)
 
     @triton.jit
-    def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE, OUT, ARRIVALS,
+    def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                      qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                      stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
-                     stride_ot, stride_oh,
                      HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_OFFSET: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, MERGE: tl.constexpr):
+                     DOT_F32: tl.constexpr):
         """Work item w = (seq * HKV + kv head) * SPLITS + split: the GQA heads of one sequence
-        against one split of its own keys (from its shared-prefix length to its end). MERGE: then
-        count this split in for (seq, kv head); the last of its partials to arrive (SPLITS, plus
-        SPLIT_OFFSET prefix splits for a sequence in a group) merges them into OUT."""
+        against one split of its own keys (from its shared-prefix length to its end)."""
         split = w % SPLITS
         w = w // SPLITS
         kvh = w % HKV
@@ -377,39 +321,24 @@ if HAS_TRITON:
             kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
             PACC, PLSE, seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD, row_valid,
             BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
-        if MERGE:
-            in_group = tl.load(SEQ_PLEN + seq) > 0
-            expected = tl.where(in_group, SPLIT_OFFSET + SPLITS, SPLITS)
-            counter = ARRIVALS + seq * HKV + kvh
-            tl.debug_barrier()  # every thread's partial is stored before the release
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == expected - 1:
-                tl.store(counter, 0)  # ready for the next call
-                tl.debug_barrier()
-                _merge_rows(PACC, PLSE, OUT, seq * stride_pt + head * stride_ph,
-                            seq * stride_ot + head * stride_oh, row_valid,
-                            tl.where(in_group, 0, SPLIT_OFFSET), SPLIT_OFFSET + SPLITS, D, D_PAD,
-                            BLOCK_M)
 
     @triton.jit
     def _cascade_kernel(
-        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE, OUT, ARRIVALS,
+        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE,
         num_prefix_programs, qk_scale, softcap, window,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_bt, stride_pt, stride_ph, stride_ot, stride_oh,
+        stride_bt, stride_pt, stride_ph,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         D_PAD: tl.constexpr, BS: tl.constexpr,
         PREFIX_M: tl.constexpr, PREFIX_TILE: tl.constexpr, ROW_TILES: tl.constexpr,
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        MERGE: tl.constexpr,
     ):
-        """Both passes, writing split-KV partials. ROLE 0: one launch, the first
-        num_prefix_programs programs attend to shared prefixes (long, so they start first), the
-        rest to each sequence's own keys. ROLE 1 / 2: prefix / own keys only (two launches, each
-        compiled with its own registers and warps). MERGE: the last program to store a partial of
-        a (sequence, KV head) merges its partials into OUT (ARRIVALS [S * HKV] int32 counts them
-        and is left at zero); otherwise _cascade_merge_kernel does, as a second launch."""
+        """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
+        ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
+        (long, so they start first), the rest to each sequence's own keys. ROLE 1 / 2: prefix /
+        own keys only (two launches, each compiled with its own registers and warps)."""
         if PDL:  # (see pdl.py) everything here may be the previous kernel's output
             tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
@@ -418,20 +347,17 @@ if HAS_TRITON:
         else:
             is_prefix = ROLE == 1
         if is_prefix:
-            _prefix_part(pid, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE, OUT,
-                         ARRIVALS, qk_scale, softcap, window, stride_qt, stride_qh, stride_kb,
-                         stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-                         stride_pt, stride_ph, stride_ot, stride_oh, HKV, G, G_PAD, D, D_PAD, BS,
-                         PREFIX_M, PREFIX_TILE, ROW_TILES, PREFIX_SPLITS,
-                         PREFIX_SPLITS + SUFFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32,
-                         MERGE)
+            _prefix_part(pid, Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, PACC, PLSE,
+                         qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                         stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
+                         stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
+                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
         else:
-            _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE, OUT,
-                         ARRIVALS, qk_scale, softcap, window, stride_qt, stride_qh, stride_kb,
-                         stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-                         stride_pt, stride_ph, stride_ot, stride_oh, HKV, G, G_PAD, D, D_PAD, BS,
-                         SUFFIX_M, SUFFIX_TILE, SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP,
-                         HAS_WINDOW, PREC, DOT_F32, MERGE)
+            _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
+                         qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
+                         stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
+                         stride_ph, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M, SUFFIX_TILE,
+                         SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
@@ -469,7 +395,7 @@ def _check_decode(query, block_tables):
 
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_kernel"}
+                "suffix_warps", "part"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -479,8 +405,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     benchmarks: prefix_m (rows per prefix program), prefix_tile / suffix_tile (keys per tile),
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
-    incomplete result that only times the part), merge_kernel (the partials merged by a second
-    launch, not by their last writer)."""
+    incomplete result that only times the part)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -498,8 +423,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # 2 stages: as fast or faster than the default (3) at every shape of bench_cascade_shapes,
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
-         "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
-         "merge_kernel": bool(cfg.get("merge_kernel", False))}
+         "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part")}
     if c["part"] not in (None, "prefix", "own"):
         raise ValueError(f"_config part must be 'prefix' or 'own', got {c['part']!r}")
     if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
@@ -526,22 +450,9 @@ def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device):
     return pacc, plse
 
 
-def _arrivals(groups: PrefixGroups, s: int, hkv: int, device: torch.device) -> torch.Tensor:
-    """The groups' arrival counters (zeros, >= s * hkv int32), allocated at their first use."""
-    if groups.arrivals is None:
-        groups.arrivals = torch.zeros(s * hkv, dtype=torch.int32, device=device)
-    arrivals = groups.arrivals
-    if arrivals.dtype != torch.int32 or arrivals.dim() != 1 or arrivals.numel() < s * hkv \
-            or arrivals.device != device:
-        raise ValueError(f"groups.arrivals must be an int32 vector of >= {s * hkv} zeros on {device}, "
-                         f"got {arrivals.dtype} {tuple(arrivals.shape)} on {arrivals.device}")
-    return arrivals
-
-
 def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups, out, scale,
                     sliding_window, softcap, c: dict) -> None:
-    """Prefix + own-key partials in one kernel (or two with c["separate"]), each (sequence, KV
-    head) merged by the last program to store one of its partials (or by a second launch)."""
+    """Prefix + own-key partials in one kernel (or two with c["separate"]), then the merge."""
     s, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
     g = hq // hkv
@@ -550,16 +461,13 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device)
     n_prefix = groups.num_chunks * hkv * c["prefix_splits"] * c["row_tiles"]
     n_suffix = s * hkv * c["suffix_splits"]
-    merge_in_kernel = not c["merge_kernel"] and c["part"] is None
-    # (without the in-kernel merge the counters are not touched: any int32 tensor will do)
-    arrivals = _arrivals(groups, s, hkv, query.device) if merge_in_kernel else groups.seq_prefix_len
     args = (query, k_cache, v_cache, block_tables, context_lens, groups.members,
             groups.chunk_start, groups.chunk_count, groups.chunk_prefix_len, groups.seq_prefix_len,
-            pacc, plse, out, arrivals)
+            pacc, plse)
     scalars = (float(scale), float(softcap or 1.0), int(sliding_window or 0),
                query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-               block_tables.stride(0), pacc.stride(0), pacc.stride(1), out.stride(0), out.stride(1))
+               block_tables.stride(0), pacc.stride(0), pacc.stride(1))
     meta = dict(
         HKV=hkv, G=g, G_PAD=_next_pow2(g), D=d, D_PAD=d_pad, BS=bs,
         PREFIX_M=c["prefix_m"], PREFIX_TILE=c["prefix_tile"], ROW_TILES=c["row_tiles"],
@@ -567,7 +475,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
-        PDL=pdl.applies(query.device), MERGE=merge_in_kernel)
+        PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["part"] == "prefix":  # timing a part alone (benchmarks): no merge
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1, num_warps=c["num_warps"], **meta)
@@ -583,8 +491,6 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     else:
         _cascade_kernel[(n_prefix + n_suffix,)](*args, n_prefix, *scalars, ROLE=0,
                                                 num_warps=c["num_warps"], **meta)
-    if merge_in_kernel:
-        return
     _cascade_merge_kernel[(s * hq,)](
         pacc, plse, groups.seq_prefix_len, out, pacc.stride(0), pacc.stride(1), out.stride(0),
         out.stride(1), HQ=hq, NS=ns, NS_PAD=max(2, _next_pow2(ns)),
@@ -602,13 +508,12 @@ def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *,
     cache); groups from find_prefix_groups (computed here, with a host sync, if None).
     Returns out [S, Hq, D], the same as paged_attention on a decode batch.
 
-    One launch, no host sync, no fill (CUDA-graph safe, see the module docstring): its first
-    programs attend the rows (members x GQA heads, 64 per program by default) of each group's
-    chunk to one split of the shared prefix, its other programs attend each sequence to its own
-    keys, and the last program to finish a (sequence, KV head) merges its partials by
-    log-sum-exp (counted in ``groups.arrivals``, allocated at the first call if None).
-    ``prefix_splits`` / ``suffix_splits`` override the split counts, ``_config`` the tile sizes
-    (benchmarks)."""
+    Two launches, no host sync, no fill (CUDA-graph safe, see the module docstring): one kernel
+    whose first programs attend the rows (members x GQA heads, 64 per program by default) of each
+    group's chunk to one split of the shared prefix, and whose other programs attend each
+    sequence to its own keys; then a merge by log-sum-exp. ``prefix_splits`` / ``suffix_splits`` override
+    the split counts, ``_config`` the tile sizes (benchmarks).
+    """
     _check_common(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
                   softcap, _KERNEL_DTYPES)
     _check_decode(query, block_tables)

@@ -110,7 +110,7 @@ def _compiled_step(q, key, value, batch: PagedBatch, layer_idx: int, scale: floa
         q, key, value, batch.pool.tensor, layer_idx, batch.slot_mapping, batch.block_tables,
         batch.context_lens, groups.members, groups.chunk_start, groups.chunk_count,
         groups.chunk_prefix_len, groups.seq_prefix_len, scale, groups.max_chunk_members,
-        batch.num_splits, cos, sin, groups.arrivals)
+        batch.num_splits, cos, sin)
 
 
 def _triton_step(q, key, value, k_cache, v_cache, batch: PagedBatch, scale, sliding_window, softcap,
@@ -167,10 +167,10 @@ def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context
     return query.new_empty(query.shape)
 
 
-# Like paged_attention_step (no declared mutation, same reason; `arrivals`, the merge counters, is
-# written too but left at zero). The group tensors are a capacity-padded layout (see PrefixGroups):
-# the launch config follows from their shapes and max_chunk_members only, so the compiled step, and
-# a CUDA graph of it, is valid for any groups that fit the capacity.
+# Like paged_attention_step (no declared mutation, same reason). The group tensors are a
+# capacity-padded layout (see PrefixGroups): the launch config follows from their shapes and
+# max_chunk_members only, so the compiled step, and a CUDA graph of it, is valid for any groups that
+# fit the capacity.
 @torch.library.custom_op("sharedecode::shared_prefix_step", mutates_args=())
 def _shared_prefix_step(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_pool: torch.Tensor, layer_idx: int,
@@ -178,14 +178,13 @@ def _shared_prefix_step(
     members: torch.Tensor, chunk_start: torch.Tensor, chunk_count: torch.Tensor,
     chunk_prefix_len: torch.Tensor, seq_prefix_len: torch.Tensor, scale: float, max_chunk_members: int,
     num_splits: Optional[int], cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
-    arrivals: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from sharedecode.kernels.shared_prefix import PrefixGroups
 
     groups = PrefixGroups(members=members, chunk_start=chunk_start, chunk_count=chunk_count,
                           chunk_prefix_len=chunk_prefix_len, seq_prefix_len=seq_prefix_len, groups=None,
                           members_per_chunk=max_chunk_members, max_chunk_members=max_chunk_members,
-                          max_prefix_len=None, max_suffix_len=None, arrivals=arrivals)
+                          max_prefix_len=None, max_suffix_len=None)
     batch = PagedBatch(pool=None, backend="triton", slot_mapping=slot_mapping, block_tables=block_tables,
                        context_lens=context_lens, query_start_loc=None, max_context_len=None,
                        is_decode=True, num_splits=num_splits)
@@ -195,8 +194,7 @@ def _shared_prefix_step(
 
 @_shared_prefix_step.register_fake
 def _(query, key, value, kv_pool, layer_idx, slot_mapping, block_tables, context_lens, members, chunk_start,
-      chunk_count, chunk_prefix_len, seq_prefix_len, scale, max_chunk_members, num_splits, cos=None, sin=None,
-      arrivals=None):
+      chunk_count, chunk_prefix_len, seq_prefix_len, scale, max_chunk_members, num_splits, cos=None, sin=None):
     return query.new_empty(query.shape)
 
 

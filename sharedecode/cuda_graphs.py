@@ -177,8 +177,6 @@ class DecodeGraphs:
                                 "copy_src": (i64, n), "copy_dst": (i64, n),
                                 "block_rows": (i32, n * self.max_blocks)}, device)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        # the cascade's merge counters (see PrefixGroups.arrivals): zero, and left at zero by every call
-        self.arrivals = torch.zeros(n * engine.pool.layout.num_kv_heads, dtype=i32, device=device)
         self._rows_on_device: list[list[int] | None] = [None] * n  # what block_tables' rows hold
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         # Copy-on-write copies run inside the graph (no launch of their own from Python): each
@@ -199,8 +197,7 @@ class DecodeGraphs:
             members=d["members"][: key.size], chunk_start=d["chunk_start"][: key.chunks],
             chunk_count=d["chunk_count"][: key.chunks], chunk_prefix_len=d["chunk_prefix_len"][: key.chunks],
             seq_prefix_len=d["seq_prefix_len"][: key.size], groups=None, members_per_chunk=MEMBERS_PER_CHUNK,
-            max_chunk_members=key.chunk_members, max_prefix_len=None, max_suffix_len=None,
-            arrivals=self.arrivals)
+            max_chunk_members=key.chunk_members, max_prefix_len=None, max_suffix_len=None)
 
     def _batch(self, key: GraphKey) -> PagedBatch:
         size, d = key.size, self.staging.device
