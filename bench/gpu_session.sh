@@ -31,6 +31,8 @@
 #                                               #   run (dynamo's recompile log, e2e order)
 #   COMMIT=<sha> bash bench/gpu_session.sh 15   # ~5 min: where W-shared 256's time goes (profile
 #                                               #   of a run; the cascade's parts timed alone)
+#   COMMIT=<sha> bash bench/gpu_session.sh 16   # ~3 min: the cascade's merge, 8 heads a program:
+#                                               #   kernel tests, the engine's shapes timed
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -131,8 +133,13 @@ case "${1:-1}" in
     run 150 cascade python bench/bench_cascade_shapes.py --only WS256,WS256own,WSample64,WBeamBatch \
         --variants default,separate,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
     ;;
+16)
+    run 100 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_shared_prefix.py
+    run 110 cascade python bench/bench_cascade_shapes.py --only WS256,WSample64,WBeamBatch,WKernel \
+        --variants default,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16" >&2
     exit 2
     ;;
 esac

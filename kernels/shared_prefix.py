@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_attention import _attend_tiles, _merge_partials
+    from .paged_attention import _attend_tiles
 
 __all__ = ["PrefixGroups", "GroupLayout", "find_prefix_groups", "group_shared_prefixes",
            "layout_groups", "prefix_groups_to_device", "shared_prefix_decode",
@@ -361,20 +361,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
-                              stride_oh, HQ: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
-                              PREFIX_SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-        """out[seq, head] = log-sum-exp-weighted mean of its partials. The prefix slots of a
-        sequence in no group were never written (torch.empty): they are not read at all."""
-        pid = tl.program_id(0)
-        seq = (pid // HQ).to(tl.int64)
-        head = pid % HQ
-        offs_s = tl.arange(0, NS_PAD)
+                              stride_oh, HQ: tl.constexpr, NS: tl.constexpr,
+                              PREFIX_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                              D_PAD: tl.constexpr):
+        """out[seq, heads] = the log-sum-exp-weighted mean of their partials, for BLOCK_H heads of
+        one sequence per program (a [BLOCK_H, D] tile per split: one program per (sequence, head)
+        was 8,192 tiny programs at W-shared 256's shape). The prefix slots of a sequence in no
+        group were never written (torch.empty): they are not read at all."""
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, D_PAD)
+        rows = head < HQ
+        d_mask = offs_d < D
         first = tl.where(tl.load(SEQ_PLEN + seq) > 0, 0, PREFIX_SPLITS)
-        o = _merge_partials(PACC, PLSE, seq * stride_pt + head * stride_ph,
-                            (offs_s >= first) & (offs_s < NS), D, D_PAD, NS_PAD)
-        tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty),
-                 mask=offs_d < D)
+        base = seq * stride_pt + head * stride_ph  # each row's slot 0
+        m = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+        den = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, D_PAD], dtype=tl.float32)
+        for slot in tl.static_range(NS):
+            if slot >= first:  # (empty splits hold lse -inf and a zero partial: weight 0)
+                lse = tl.load(PLSE + base // D_PAD + slot, mask=rows, other=float("-inf"))
+                part = tl.load(PACC + base[:, None] + slot * D_PAD + offs_d[None, :],
+                               mask=rows[:, None] & d_mask[None, :], other=0.0)
+                m_new = tl.maximum(m, lse)
+                alpha = tl.exp2(m - m_new)
+                w = tl.exp2(lse - m_new)
+                acc = acc * alpha[:, None] + part * w[:, None]
+                den = den * alpha + w
+                m = m_new
+        den = tl.where(den == 0.0, 1.0, den)
+        tl.store(OUT + seq * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 (acc / den[:, None]).to(OUT.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
 
 
 def _check_groups(groups, s, device):
@@ -393,6 +410,8 @@ def _check_decode(query, block_tables):
         raise ValueError(f"shared_prefix_decode is for decode: query must be [S, Hq, D] with "
                          f"S = {block_tables.shape[0]}, got {tuple(query.shape)}")
 
+
+MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
                 "suffix_warps", "part"}
@@ -491,10 +510,11 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     else:
         _cascade_kernel[(n_prefix + n_suffix,)](*args, n_prefix, *scalars, ROLE=0,
                                                 num_warps=c["num_warps"], **meta)
-    _cascade_merge_kernel[(s * hq,)](
+    block_h = min(_next_pow2(hq), MERGE_HEADS)
+    _cascade_merge_kernel[(s, -(-hq // block_h))](
         pacc, plse, groups.seq_prefix_len, out, pacc.stride(0), pacc.stride(1), out.stride(0),
-        out.stride(1), HQ=hq, NS=ns, NS_PAD=max(2, _next_pow2(ns)),
-        PREFIX_SPLITS=c["prefix_splits"], D=d, D_PAD=d_pad, num_warps=2)
+        out.stride(1), HQ=hq, NS=ns, PREFIX_SPLITS=c["prefix_splits"], BLOCK_H=block_h, D=d,
+        D_PAD=d_pad, num_warps=2)
 
 
 def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *, scale,

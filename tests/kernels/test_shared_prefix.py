@@ -101,6 +101,7 @@ CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_spli
     (torch.float16, 16, 4, 1, 96, (9, 2), 16, 5, 3, {"prefix_m": 16, "prefix_tile": 16,
                                                      "separate": True}),
     (torch.bfloat16, 8, 8, 1, 64, (5, 3, 2), 64, 2, 2, {"prefix_m": 16, "suffix_tile": 16}),
+    (torch.float32, 8, 12, 4, 64, (3, 3), 16, 2, 1, None),  # GQA 3: merge head blocks of 8, 4
 ]
 
 
