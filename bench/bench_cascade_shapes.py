@@ -79,6 +79,9 @@ VARIANTS = {
     "ns2": v(num_stages=2),
     "ns4": v(num_stages=4),
     "separate_ps2": v(2, separate=True),
+    "mh1": v(merge_heads=1),  # the merge with 1 / 4 / 32 heads of a sequence per program
+    "mh4": v(merge_heads=4),
+    "mh32": v(merge_heads=32),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

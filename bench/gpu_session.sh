@@ -136,7 +136,7 @@ case "${1:-1}" in
 16)
     run 100 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_shared_prefix.py
     run 110 cascade python bench/bench_cascade_shapes.py --only WS256,WSample64,WBeamBatch,WKernel \
-        --variants default,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
+        --variants default,mh1,mh4,mh32,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
     ;;
 *)
     echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16" >&2

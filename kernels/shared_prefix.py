@@ -378,17 +378,20 @@ if HAS_TRITON:
         m = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
         den = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, D_PAD], dtype=tl.float32)
+        first = tl.zeros([BLOCK_H], dtype=tl.int32) + first
         for slot in tl.static_range(NS):
-            if slot >= first:  # (empty splits hold lse -inf and a zero partial: weight 0)
-                lse = tl.load(PLSE + base // D_PAD + slot, mask=rows, other=float("-inf"))
-                part = tl.load(PACC + base[:, None] + slot * D_PAD + offs_d[None, :],
-                               mask=rows[:, None] & d_mask[None, :], other=0.0)
-                m_new = tl.maximum(m, lse)
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(lse - m_new)
-                acc = acc * alpha[:, None] + part * w[:, None]
-                den = den * alpha + w
-                m = m_new
+            # masked, not branched on: the unrolled loads can all be in flight at once (empty
+            # splits hold lse -inf and a zero partial: weight 0)
+            live = rows & (first <= slot)
+            lse = tl.load(PLSE + base // D_PAD + slot, mask=live, other=float("-inf"))
+            part = tl.load(PACC + base[:, None] + slot * D_PAD + offs_d[None, :],
+                           mask=live[:, None] & d_mask[None, :], other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha[:, None] + part * w[:, None]
+            den = den * alpha + w
+            m = m_new
         den = tl.where(den == 0.0, 1.0, den)
         tl.store(OUT + seq * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  (acc / den[:, None]).to(OUT.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
@@ -414,7 +417,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part"}
+                "suffix_warps", "part", "merge_heads"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -424,7 +427,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     benchmarks: prefix_m (rows per prefix program), prefix_tile / suffix_tile (keys per tile),
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
-    incomplete result that only times the part)."""
+    incomplete result that only times the part), merge_heads (heads of a sequence per program
+    of the merge, a power of two)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -442,7 +446,10 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # 2 stages: as fast or faster than the default (3) at every shape of bench_cascade_shapes,
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
-         "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part")}
+         "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
+         "merge_heads": cfg.get("merge_heads") or MERGE_HEADS}
+    if c["merge_heads"] & (c["merge_heads"] - 1):
+        raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
         raise ValueError(f"_config part must be 'prefix' or 'own', got {c['part']!r}")
     if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
@@ -510,7 +517,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     else:
         _cascade_kernel[(n_prefix + n_suffix,)](*args, n_prefix, *scalars, ROLE=0,
                                                 num_warps=c["num_warps"], **meta)
-    block_h = min(_next_pow2(hq), MERGE_HEADS)
+    block_h = min(_next_pow2(hq), c["merge_heads"])
     _cascade_merge_kernel[(s, -(-hq // block_h))](
         pacc, plse, groups.seq_prefix_len, out, pacc.stride(0), pacc.stride(1), out.stride(0),
         out.stride(1), HQ=hq, NS=ns, PREFIX_SPLITS=c["prefix_splits"], BLOCK_H=block_h, D=d,

@@ -102,6 +102,7 @@ CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_spli
                                                      "separate": True}),
     (torch.bfloat16, 8, 8, 1, 64, (5, 3, 2), 64, 2, 2, {"prefix_m": 16, "suffix_tile": 16}),
     (torch.float32, 8, 12, 4, 64, (3, 3), 16, 2, 1, None),  # GQA 3: merge head blocks of 8, 4
+    (torch.float16, 8, 8, 2, 64, (4, 2), 16, 3, 2, {"merge_heads": 1}),  # one head a program
 ]
 
 
@@ -194,6 +195,8 @@ def test_shared_prefix_validation(device):
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"prefix_m": 24})
     with pytest.raises(ValueError, match="unknown keys"):
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"block_q": 2})
+    with pytest.raises(ValueError, match="merge_heads"):
+        shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"merge_heads": 3})
 
 
 def test_scratch_garbage_is_never_read(device, monkeypatch):
