@@ -393,10 +393,14 @@ class DecodeGraphs:
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             tables: list[list[int]] | DeviceRows, context_lens: list[int], groups: Sequence[tuple[tuple[int, ...], int]] = (),
-            input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+            input_ids: torch.Tensor | None = None, copies: Sequence[tuple[int, int]] = (),
+            reuse_output: bool = False) -> torch.Tensor:
+        """Stage one step and replay its graph; the logits [S, V]. They are a copy unless
+        `reuse_output`: then a view of the graph's output buffer, which the next replay
+        overwrites (so every read of them must be queued before the next step's replay)."""
         key = self.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids, copies)
         if key not in self.graphs:
             self._capture(key)
         graph, logits = self.graphs[key]
         graph.replay()
-        return logits[: len(token_ids)].clone()  # the static buffer is overwritten by the next replay
+        return logits[: len(token_ids)] if reuse_output else logits[: len(token_ids)].clone()

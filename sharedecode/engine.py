@@ -316,12 +316,15 @@ class Engine:
             logits[index] = out[row]
 
     def decode(self, tables: list[BlockTable], token_ids: list[int],
-               input_ids: torch.Tensor | None = None) -> torch.Tensor:
+               input_ids: torch.Tensor | None = None, reuse_output: bool = False) -> torch.Tensor:
         """Append one token to each table and run one forward for all; returns logits [S, V].
 
         `input_ids` (int64 [S] on the device): the tokens to feed when the host does not know them
         yet (a step launched before the previous one's results were read); `token_ids` then holds
         PENDING_TOKEN for each, set later with `allocator.fill_last_tokens`.
+        `reuse_output`: the logits may be the captured step's output buffer, valid until the next
+        decode (no copy: at batch 256 and M1's vocabulary the copy moved 260 MB a step); for
+        callers that queue every read of them on the device first.
         Raises KVCacheFull (changing nothing) when the step's new blocks do not fit.
         """
         if len(tables) != len(token_ids):
@@ -342,7 +345,7 @@ class Engine:
                 self._copy_blocks(copies)
                 copies = []
             out = self.graphs.run(list(token_ids), positions, slots, block_ids, context_lens, groups,
-                                  input_ids=input_ids, copies=copies)
+                                  input_ids=input_ids, copies=copies, reuse_output=reuse_output)
             self._last_rows = self.graphs.block_tables[: len(tables), :width]
         else:
             out = self._forward(list(token_ids) if input_ids is None else input_ids, positions, slots,
@@ -380,7 +383,7 @@ class Engine:
         return self._last_rows
 
     def decode_forked(self, rows: torch.Tensor, copy_src: torch.Tensor, positions: list[int], tails: list[int],
-                      input_ids: torch.Tensor, groups: list | None = None) -> torch.Tensor:
+                      input_ids: torch.Tensor, groups: list | None = None, reuse_output: bool = False) -> torch.Tensor:
         """A decode step for sequences whose block tables exist only on the device (beam search
         launched ahead: each new table forks a row of `last_block_tables` chosen on the device).
         `rows` [S, width] int32: the tables, each holding the reserved block `tails[i]` for the
@@ -388,7 +391,8 @@ class Engine:
         block whose KV is copied into the tail first (the parent's partial last block), -1 where
         the tail starts empty (positions[i] at a block boundary). The host mirrors these tables
         afterwards (`BlockAllocator.fork_with_tail`). `groups`: shared-prefix groups over the rows
-        (blocks that every member holds), used when the cascade pays. Returns logits [S, V]."""
+        (blocks that every member holds), used when the cascade pays. Returns logits [S, V]
+        (`reuse_output`: as in `decode`)."""
         n, bs, device = len(tails), self.block_size, self.device
         if rows.dim() != 2 or rows.shape[0] != n or copy_src.shape != (n,) or input_ids.shape != (n,) \
                 or len(positions) != n:
@@ -403,7 +407,8 @@ class Engine:
             from sharedecode.cuda_graphs import DeviceRows
 
             staged = DeviceRows(rows, copy_src, [t if c else -1 for t, c in zip(tails, copied)])
-            out = self.graphs.run([0] * n, positions, slots, staged, context_lens, groups, input_ids=input_ids)
+            out = self.graphs.run([0] * n, positions, slots, staged, context_lens, groups, input_ids=input_ids,
+                                  reuse_output=reuse_output)
         else:
             if any(copied):
                 pick = [i for i, c in enumerate(copied) if c]

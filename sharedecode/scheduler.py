@@ -95,7 +95,8 @@ class Request:
             where = {id(b): i for i, b in enumerate(launched)}
             chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
         try:
-            return engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches), input_ids=chosen)
+            return engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches), input_ids=chosen,
+                                 reuse_output=reads_logits_at_once(requests))
         except KVCacheFull:
             return None
 
@@ -137,6 +138,13 @@ class Request:
             if branch.table is not None:
                 engine.free(branch.table)
                 branch.table = None
+
+
+def reads_logits_at_once(requests: list[Request]) -> bool:
+    """Whether every request reads its logits on the device as soon as they exist (its device
+    part, queued by `Scheduler._queue_choice` before anything else is launched): then the decode
+    may hand out the captured step's own output buffer, which the next step overwrites."""
+    return all(hasattr(type(r), "step_device_group") or hasattr(r, "step_device") for r in requests)
 
 
 def blocks_to_allocate_together(allocator: BlockAllocator, sequences: list[list[int]]) -> int:
@@ -361,7 +369,7 @@ class Scheduler:
             tables = [b.table for r in running for b in r.pending]
             tokens = [b.next_token for r in running for b in r.pending]
             try:  # the engine checks the step's blocks first and changes nothing when they don't fit
-                logits = engine.decode(tables, tokens)
+                logits = engine.decode(tables, tokens, reuse_output=reads_logits_at_once(running))
                 break
             except KVCacheFull:
                 if len(running) == 1:

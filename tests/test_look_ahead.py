@@ -38,17 +38,31 @@ def model():
     return model
 
 
-def run(make, prompts, look_ahead: bool, calls: list | None = None, kv_bytes: int = 2**20):
+def run(make, prompts, look_ahead: bool, calls: list | None = None, kv_bytes: int = 2**20,
+        reused: list | None = None):
     """`make(engine)` -> strategy, on a fresh engine (a reused one would reuse cached prompt blocks,
-    whose logits differ in the last bits from recomputed ones)."""
+    whose logits differ in the last bits from recomputed ones). `reused`: the decodes' logits
+    are handed out as the captured step's output buffer would be when the caller allows it
+    (`reuse_output`), and poisoned with NaN at the next decode, as the next replay overwrites them;
+    each decode's reuse_output is appended."""
     engine = Engine(make.model, backend="torch", block_size=4, kv_cache_bytes=kv_bytes, look_ahead=look_ahead)
     strategy = make(engine)
     original = engine.decode
+    handed_out: list[torch.Tensor] = []
 
-    def decode(tables, tokens, input_ids=None):
+    def decode(tables, tokens, input_ids=None, reuse_output=False):
         if calls is not None:
             calls.append(input_ids is not None)
-        return original(tables, tokens, input_ids)
+        with torch.inference_mode():  # (the engine's forwards make inference tensors)
+            for buffer in handed_out:
+                buffer.fill_(float("nan"))
+        handed_out.clear()
+        out = original(tables, tokens, input_ids)
+        if reused is not None:
+            reused.append(reuse_output)
+            if reuse_output:
+                handed_out.append(out)
+        return out
 
     engine.decode = decode
     results = strategy.run(prompts)
@@ -98,6 +112,39 @@ def test_greedy_ahead_with_stops_at_different_steps(model):
     assert_same(ahead, run(make, prompts, False))
     reasons = {r[0][1] for r in ahead}
     assert reasons == {"eos", "length"} and sum(calls) > 10  # stops seen one step late, and ahead
+
+
+@pytest.mark.parametrize("look_ahead", [True, False])
+def test_logits_handed_out_as_the_graph_buffer_are_read_before_the_next_decode(model, look_ahead):
+    # Engine.decode(reuse_output=True) may return the captured step's output buffer (no copy),
+    # which the next step's replay overwrites: the scheduler asks for it only when every request
+    # reads its logits on the device at once. Here the next decode poisons them: a later read
+    # would show as a different (NaN-driven) result.
+    make = maker(model, ParallelSampling, n=3, best_of=4, temperature=1.0, top_p=0.9, seed=11,
+                 max_new_tokens=16, eos_token_id=EOS)
+    prompts = prompts_for(21, 3)
+    reused: list[bool] = []
+    got = run(make, prompts, look_ahead, reused=reused)
+    assert_same(got, run(make, prompts, look_ahead))
+    assert reused and all(reused)
+    greedy = maker(model, Greedy, max_new_tokens=12, eos_token_id=EOS)
+    reused.clear()
+    assert_same(run(greedy, prompts, look_ahead, reused=reused), run(greedy, prompts, look_ahead))
+    assert reused and all(reused)
+
+
+def test_reads_logits_at_once_only_for_requests_with_a_device_part():
+    from sharedecode.scheduler import Request, reads_logits_at_once
+    from sharedecode.strategies.beam_search import BeamRequest
+    from sharedecode.strategies.diverse_beam_search import DiverseBeamRequest
+    from sharedecode.strategies.sampling import SampleRequest
+
+    def bare(cls):
+        return cls.__new__(cls)
+
+    assert reads_logits_at_once([bare(SampleRequest), bare(BeamRequest)])
+    assert not reads_logits_at_once([bare(SampleRequest), bare(DiverseBeamRequest)])
+    assert not reads_logits_at_once([bare(Request)])
 
 
 def test_a_full_cache_falls_back_to_stepping_and_preempting(model):

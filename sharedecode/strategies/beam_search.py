@@ -355,7 +355,8 @@ class BeamRequest(Request):
             rows, copy_src, tokens, running = fork(step.flat.view(len(launched), -1), meta[: len(order)],
                                                    previous, *meta[len(order):].view(3, n), first.vocab, k, width)
             logits = engine.decode_forked(rows, copy_src, positions, tails, tokens,
-                                          BeamRequest._ahead_groups(engine, requests))
+                                          BeamRequest._ahead_groups(engine, requests),
+                                          reuse_output=True)  # read by step_device_group at once
         except BaseException:
             engine.allocator.unreserve(tails)
             raise
