@@ -201,7 +201,8 @@ def check_look_ahead() -> bool:
                             look_ahead=look_ahead)
             fed = []
             decode = engine.decode
-            engine.decode = lambda t, k, input_ids=None: fed.append(input_ids is not None) or decode(t, k, input_ids)
+            engine.decode = lambda t, k, input_ids=None, **kw: (fed.append(input_ids is not None)
+                                                                or decode(t, k, input_ids, **kw))
             runs = [Greedy(engine, max_new_tokens=40, eos_token_id=2).run(prompts),
                     ParallelSampling(engine, n=8, best_of=10, temperature=1.0, top_p=0.9, seed=1,
                                      max_new_tokens=40, eos_token_id=2).run(prompts)]

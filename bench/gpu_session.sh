@@ -33,6 +33,9 @@
 #                                               #   of a run; the cascade's parts timed alone)
 #   COMMIT=<sha> bash bench/gpu_session.sh 16   # ~3 min: the cascade's merge, 8 heads a program:
 #                                               #   kernel tests, the engine's shapes timed
+#   COMMIT=<sha> bash bench/gpu_session.sh 17   # ~9 min: logits without the copy: GPU checks of
+#                                               #   look-ahead and beams on graphs, the cascade's
+#                                               #   kernel tests, #7's workloads end to end
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -138,8 +141,14 @@ case "${1:-1}" in
     run 110 cascade python bench/bench_cascade_shapes.py --only WS256,WSample64,WBeamBatch,WKernel \
         --variants default,mh1,mh4,mh32,prefix_part,own_part --out "$OUT/cascade-shapes-$COMMIT.json"
     ;;
+17)
+    run 110 check-look-ahead python bench/check_decode_gpu.py --only look_ahead
+    run 150 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_shared_prefix.py
+    run 290 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 260 --out "$OUT/e2e-M1-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17" >&2
     exit 2
     ;;
 esac
