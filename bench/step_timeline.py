@@ -72,9 +72,9 @@ class Timeline:
             marks["start_event"] = start
             return key
 
-        def engine_decode(tables, tokens, input_ids=None, _decode=engine.decode):
+        def engine_decode(tables, tokens, input_ids=None, _decode=engine.decode, **kw):
             t0 = time.perf_counter()
-            out = _decode(tables, tokens, input_ids)
+            out = _decode(tables, tokens, input_ids, **kw)
             t1 = time.perf_counter()
             end = torch.cuda.Event(enable_timing=True)
             end.record()
