@@ -48,7 +48,8 @@ def staged_engine(max_rows: int = 256) -> Engine:
     graphs.copies_in_graph = True  # as with the Triton backend
     logits = torch.randn(max_rows, engine.shape.vocab_size, generator=torch.Generator().manual_seed(0))
 
-    def run(token_ids, positions, slots, tables, context_lens, groups=(), input_ids=None, copies=()):
+    def run(token_ids, positions, slots, tables, context_lens, groups=(), input_ids=None, copies=(),
+            reuse_output=False):
         graphs.stage(token_ids, positions, slots, tables, context_lens, groups, input_ids, copies)
         return logits[: len(token_ids)]
 
