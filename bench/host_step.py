@@ -30,13 +30,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.profile_host import build_engine  # noqa: E402
+from sharedecode.block_allocator import BlockAllocator  # noqa: E402
 from sharedecode.cuda_graphs import DecodeGraphs  # noqa: E402
 from sharedecode.engine import Engine  # noqa: E402
 from sharedecode.scheduler import Scheduler  # noqa: E402
 from sharedecode.strategies import BeamSearch, Greedy, ParallelSampling  # noqa: E402
+from sharedecode.strategies.sampling import SampleRequest  # noqa: E402
 
 PARTS = {"decode": (Engine, "decode"), "decode_forked": (Engine, "decode_forked"),
          "finish": (Scheduler, "_finish")}
+# --detail: the parts of those (each inside one of the above)
+DETAIL = {"append_tokens": (BlockAllocator, "append_tokens"),
+          "blocks_needed": (BlockAllocator, "blocks_needed_for_step"),
+          "mark_computed": (BlockAllocator, "mark_all_computed"),
+          "fill_last_tokens": (BlockAllocator, "fill_last_tokens"),
+          "groups": (Engine, "_shared_prefix_groups"), "stage": (DecodeGraphs, "stage"),
+          "step_host (sampling)": (SampleRequest, "step_host")}
 
 
 def staged_engine(max_rows: int = 256) -> Engine:
@@ -73,11 +82,11 @@ def workloads(engine: Engine, new_tokens: int) -> list[tuple[str, list, object]]
             ("W-shared 256", shared, Greedy(engine, **common))]
 
 
-def timed_parts() -> tuple[dict[str, float], list]:
-    """Wrap PARTS with timers; returns the totals (seconds) and what restores the originals."""
-    totals = {name: 0.0 for name in PARTS}
+def timed_parts(parts: dict) -> tuple[dict[str, float], list]:
+    """Wrap `parts` with timers; returns the totals (seconds) and what restores the originals."""
+    totals = {name: 0.0 for name in parts}
     saved = []
-    for name, (owner, attr) in PARTS.items():
+    for name, (owner, attr) in parts.items():
         original = getattr(owner, attr)
 
         def timed(*args, _original=original, _name=name, **kwargs):
@@ -97,10 +106,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=None)
+    parser.add_argument("--detail", action="store_true", help="also time the parts of decode and finish")
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = staged_engine()
-    totals, saved = timed_parts()
+    totals, saved = timed_parts(PARTS | DETAIL if args.detail else PARTS)
     try:
         print(f"host us per decode step (CPU, torch {torch.__version__}, {args.new_tokens} new tokens)")
         for name, prompts, strategy in workloads(engine, args.new_tokens):
@@ -118,6 +128,8 @@ def main() -> None:
             decode = median["decode"] + median["decode_forked"]
             print(f"  {name:20s} decode {decode:7.0f}  finish {median['finish']:7.0f}  "
                   f"host {decode + median['finish']:7.0f}")
+            if args.detail:
+                print("    " + "  ".join(f"{key} {median[key]:.0f}" for key in DETAIL))
             assert engine.kv_stats().blocks_in_use == 0
     finally:
         for owner, attr, original in saved:
