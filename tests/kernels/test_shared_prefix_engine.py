@@ -265,7 +265,7 @@ def graph_engine(model, monkeypatch, compiled=None, **graph_kwargs):
     keys = []
     graphs.copies_taken = []  # the copy-on-write pairs each step handed to the graph
 
-    def run_uncaptured(token_ids, *args, input_ids=None, copies=()):
+    def run_uncaptured(token_ids, *args, input_ids=None, copies=(), reuse_output=False):
         graphs.copies_taken.append(list(copies))
         keys.append(graphs.stage(token_ids, *args, input_ids=input_ids, copies=copies))
         with torch.inference_mode(), graphs.model_swaps():
