@@ -95,8 +95,9 @@ class Request:
             where = {id(b): i for i, b in enumerate(launched)}
             chosen = chosen.index_select(0, upload([where[id(b)] for b in branches], chosen.device, torch.int64))
         try:
+            # (a step launched ahead exists only for requests whose device part reads its logits)
             return engine.decode([b.table for b in branches], [PENDING_TOKEN] * len(branches), input_ids=chosen,
-                                 reuse_output=reads_logits_at_once(requests))
+                                 reuse_output=True)
         except KVCacheFull:
             return None
 
@@ -144,7 +145,8 @@ def reads_logits_at_once(requests: list[Request]) -> bool:
     """Whether every request reads its logits on the device as soon as they exist (its device
     part, queued by `Scheduler._queue_choice` before anything else is launched): then the decode
     may hand out the captured step's own output buffer, which the next step overwrites."""
-    return all(hasattr(type(r), "step_device_group") or hasattr(r, "step_device") for r in requests)
+    return all(hasattr(cls, "step_device_group") or hasattr(cls, "step_device")
+               for cls in {type(r) for r in requests})  # (a step holds a few types, hundreds of requests)
 
 
 def blocks_to_allocate_together(allocator: BlockAllocator, sequences: list[list[int]]) -> int:
