@@ -82,17 +82,6 @@ VARIANTS = {
     "mh1": v(merge_heads=1),  # the merge with 1 / 4 / 32 heads of a sequence per program
     "mh4": v(merge_heads=4),
     "mh32": v(merge_heads=32),
-    "streams": v(streams=True),  # prefix and own keys on two streams, at once
-    "streams_sw2": v(streams=True, suffix_warps=2),
-    "streams_st32": v(streams=True, suffix_tile=32),
-    "streams_ps4": v(4, streams=True),
-    "streams_ps16": v(16, streams=True),
-    "streams_m128_pt64_w8": v(streams=True, prefix_m=128, prefix_tile=64, num_warps=8),
-    "streams_pt64": v(streams=True, prefix_tile=64),
-    "streams_ns3": v(streams=True, num_stages=3),
-    "ps6": v(6),
-    "ps12": v(12),
-    "ps16": v(16),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

@@ -23,7 +23,6 @@ batches. Host-side grouping of Python block-id lists (the engine's): ``group_sha
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -418,7 +417,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads", "streams"}
+                "suffix_warps", "part", "merge_heads"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -429,8 +428,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
     incomplete result that only times the part), merge_heads (heads of a sequence per program
-    of the merge, a power of two), streams (the two parts as two launches on two CUDA streams,
-    so that they run at once, each compiled with its own registers)."""
+    of the merge, a power of two)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -449,7 +447,6 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
-         "streams": bool(cfg.get("streams", False)) and device.type == "cuda",
          "merge_heads": cfg.get("merge_heads") or MERGE_HEADS}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
@@ -469,12 +466,6 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
             raise ValueError(f"{name} must be a positive int, got {val!r}")
     c["prefix_splits"], c["suffix_splits"] = prefix_splits, suffix_splits
     return c
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The stream the own-key programs run on beside the prefix programs (one per device)."""
-    return torch.cuda.Stream(device)
 
 
 def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device):
@@ -518,17 +509,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     if c["part"] == "own":
         _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2, num_warps=c["suffix_warps"], **meta)
         return
-    if c["streams"]:  # own keys on a side stream: both parts' programs share the GPU at once
-        main = torch.cuda.current_stream(query.device)
-        side = _side_stream(query.device)
-        side.wait_stream(main)
-        _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,
-                                     num_warps=c["num_warps"], **meta)
-        with torch.cuda.stream(side):
-            _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2,
-                                         num_warps=c["suffix_warps"], **meta)
-        main.wait_stream(side)  # (also makes every tensor's later reuse on `main` safe)
-    elif c["separate"]:
+    if c["separate"]:
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,
                                      num_warps=c["num_warps"], **meta)
         _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2,
