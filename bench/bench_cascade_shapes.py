@@ -71,6 +71,8 @@ VARIANTS = {
     "ps2": v(2),
     "ps4": v(4),
     "ps8": v(8),
+    "st32": v(suffix_tile=32),
+    "st128": v(suffix_tile=128),
     "pt64": v(prefix_tile=64),
     "m128_pt64_w8": v(prefix_m=128, prefix_tile=64, num_warps=8),
     "m32": v(prefix_m=32),
@@ -80,14 +82,6 @@ VARIANTS = {
     "mh1": v(merge_heads=1),  # the merge with 1 / 4 / 32 heads of a sequence per program
     "mh4": v(merge_heads=4),
     "mh32": v(merge_heads=32),
-    "merge_kernel": v(merge_own=False),  # the merge as its own kernel (the default before)
-    "merge_kernel_st32": v(merge_own=False, suffix_tile=32),
-    "sw2": v(suffix_warps=2),  # the own-key launch's warps and tile (they merge, by default)
-    "sw8": v(suffix_warps=8),
-    "st32": v(suffix_tile=32),
-    "st128": v(suffix_tile=128),
-    "ps6": v(6),
-    "ps12": v(12),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

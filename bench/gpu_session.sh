@@ -36,8 +36,6 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 17   # ~9 min: logits without the copy: GPU checks of
 #                                               #   look-ahead and beams on graphs, the cascade's
 #                                               #   kernel tests, #7's workloads end to end
-#   COMMIT=<sha> bash bench/gpu_session.sh 18   # ~6 min: the own-key programs merge (PDL):
-#                                               #   kernel tests, the engine's shapes timed
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -149,14 +147,8 @@ case "${1:-1}" in
     run 290 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 260 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
-18)
-    run 160 kernel-tests env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf tests/kernels/test_shared_prefix.py
-    run 240 cascade python bench/bench_cascade_shapes.py --only WKernel,WS256,WSample64,WBeamBatch \
-        --variants default,merge_kernel,merge_kernel_st32,sw2,sw8,st32,st128,ps6,ps12,pt64,prefix_part,own_part \
-        --out "$OUT/cascade-shapes-$COMMIT.json"
-    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17" >&2
     exit 2
     ;;
 esac

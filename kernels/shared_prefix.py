@@ -288,45 +288,22 @@ if HAS_TRITON:
                 BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
-    def _merge_prefix_partials(acc, m_i, l_i, PACC, PLSE, pbase, live,
-                               PREFIX_SPLITS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-        """Fold the prefix splits' stored partials (normalised, base-2 lse) into a running softmax
-        state (acc unnormalised, max m_i, sum l_i); rows not ``live`` read nothing."""
-        offs_d = tl.arange(0, D_PAD)
-        for slot in tl.static_range(PREFIX_SPLITS):
-            lse = tl.load(PLSE + pbase // D_PAD + slot, mask=live, other=float("-inf"))
-            part = tl.load(PACC + pbase[:, None] + slot * D_PAD + offs_d[None, :],
-                           mask=live[:, None] & (offs_d[None, :] < D), other=0.0)
-            m_new = tl.maximum(m_i, lse)
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha[:, None] + part * w[:, None]
-            l_i = l_i * alpha + w
-            m_i = m_new
-        return acc, l_i
-
-    @triton.jit
-    def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE, OUT,
+    def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                      qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                      stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph,
-                     stride_ot, stride_oh,
                      HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_OFFSET: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, MERGE: tl.constexpr, WAIT_PREFIX: tl.constexpr):
+                     DOT_F32: tl.constexpr):
         """Work item w = (seq * HKV + kv head) * SPLITS + split: the GQA heads of one sequence
-        against one split of its own keys (from its shared-prefix length to its end).
-        MERGE (SPLITS == 1): no partial is stored; the program waits for the prefix kernel
-        (WAIT_PREFIX: launched with PDL, it ran beside it until here), folds the prefix
-        partials into its own softmax state and writes the output: no merge kernel."""
+        against one split of its own keys (from its shared-prefix length to its end)."""
         split = w % SPLITS
         w = w // SPLITS
         kvh = w % HKV
         seq = (w // HKV).to(tl.int64)
         ctx = tl.load(CTX + seq)
-        plen = tl.load(SEQ_PLEN + seq)
-        kv_lo = plen
+        kv_lo = tl.load(SEQ_PLEN + seq)
         if HAS_WINDOW:
             kv_lo = tl.maximum(kv_lo, ctx - window)
         offs_m = tl.arange(0, BLOCK_M)
@@ -339,58 +316,31 @@ if HAS_TRITON:
             q = q.to(tl.float32)
         qpos = tl.zeros([BLOCK_M], dtype=tl.int32) + ctx - 1
         tile_lo, tile_hi = _split_range(kv_lo, ctx, split, TILE_N, SPLITS)
-        pbase = seq * stride_pt + head * stride_ph
-        if MERGE:
-            acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            every_row = tl.full([BLOCK_M], 1, tl.int1)  # padding rows are never stored
-            acc, m_i, l_i = _attend_tiles(
-                acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt,
-                tile_lo, tile_hi, kv_lo, ctx, qpos, every_row, offs_d, offs_d < D, stride_kb,
-                stride_kt, stride_vb, stride_vt, qk_scale, softcap, window, BS, TILE_N,
-                HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True)
-            if WAIT_PREFIX:
-                tl.extra.cuda.gdc_wait()
-            # (prefix slots of a sequence in no group were never written: not read)
-            has_prefix = (tl.zeros([BLOCK_M], dtype=tl.int32) + plen) > 0
-            acc, l_i = _merge_prefix_partials(acc, m_i, l_i, PACC, PLSE, pbase, row_valid & has_prefix,
-                                              SPLIT_OFFSET, D, D_PAD)
-            l_i = tl.where(l_i == 0.0, 1.0, l_i)
-            tl.store(OUT + seq * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                     (acc / l_i[:, None]).to(OUT.dtype.element_ty),
-                     mask=row_valid[:, None] & (offs_d[None, :] < D))
-        else:
-            _attend_to_partial(
-                q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt, tile_lo, tile_hi,
-                kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
-                PACC, PLSE, pbase + (SPLIT_OFFSET + split) * D_PAD, row_valid,
-                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
+        _attend_to_partial(
+            q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt, tile_lo, tile_hi,
+            kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
+            PACC, PLSE, seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD, row_valid,
+            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_kernel(
-        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE, OUT,
+        Q, K, V, BT, CTX, MEMBERS, CSTART, CCOUNT, CPLEN, SEQ_PLEN, PACC, PLSE,
         num_prefix_programs, qk_scale, softcap, window,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_bt, stride_pt, stride_ph, stride_ot, stride_oh,
+        stride_bt, stride_pt, stride_ph,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         D_PAD: tl.constexpr, BS: tl.constexpr,
         PREFIX_M: tl.constexpr, PREFIX_TILE: tl.constexpr, ROW_TILES: tl.constexpr,
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        MERGE: tl.constexpr, TRIGGER: tl.constexpr, WAIT_PREFIX: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
         (long, so they start first), the rest to each sequence's own keys. ROLE 1 / 2: prefix /
-        own keys only (two launches, each compiled with its own registers and warps).
-        MERGE (ROLE 2): the own-key programs merge and write the output themselves; TRIGGER
-        (ROLE 1) lets that launch start at once, beside the prefix programs (PDL)."""
+        own keys only (two launches, each compiled with its own registers and warps)."""
         if PDL:  # (see pdl.py) everything here may be the previous kernel's output
             tl.extra.cuda.gdc_wait()
-        if TRIGGER:  # (after the wait above: what the next launch reads is complete)
-            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         if ROLE == 0:
             is_prefix = pid < num_prefix_programs
@@ -403,12 +353,11 @@ if HAS_TRITON:
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
                          PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
         else:
-            _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE, OUT,
+            _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
-                         stride_ph, stride_ot, stride_oh, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M,
-                         SUFFIX_TILE, SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC,
-                         DOT_F32, MERGE, WAIT_PREFIX)
+                         stride_ph, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M, SUFFIX_TILE,
+                         SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
@@ -468,7 +417,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads", "merge_own"}
+                "suffix_warps", "part", "merge_heads"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -479,9 +428,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
     incomplete result that only times the part), merge_heads (heads of a sequence per program
-    of the merge, a power of two), merge_own (the own-key programs merge the prefix partials and
-    write the output, no merge kernel: needs one own-key split; by default where the GPU has
-    PDL, so that they run beside the prefix programs)."""
+    of the merge, a power of two)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -518,10 +465,6 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
     c["prefix_splits"], c["suffix_splits"] = prefix_splits, suffix_splits
-    merge_own = cfg.get("merge_own")
-    if merge_own is None:
-        merge_own = pdl.supported(device) and not c["separate"]
-    c["merge_own"] = bool(merge_own) and suffix_splits == 1 and c["part"] is None
     return c
 
 
@@ -540,17 +483,17 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     _, bs, hkv, _ = k_cache.shape
     g = hq // hkv
     d_pad = max(16, _next_pow2(d))
-    ns = c["prefix_splits"] + (0 if c["merge_own"] else c["suffix_splits"])
+    ns = c["prefix_splits"] + c["suffix_splits"]
     pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device)
     n_prefix = groups.num_chunks * hkv * c["prefix_splits"] * c["row_tiles"]
     n_suffix = s * hkv * c["suffix_splits"]
     args = (query, k_cache, v_cache, block_tables, context_lens, groups.members,
             groups.chunk_start, groups.chunk_count, groups.chunk_prefix_len, groups.seq_prefix_len,
-            pacc, plse, out)
+            pacc, plse)
     scalars = (float(scale), float(softcap or 1.0), int(sliding_window or 0),
                query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-               block_tables.stride(0), pacc.stride(0), pacc.stride(1), out.stride(0), out.stride(1))
+               block_tables.stride(0), pacc.stride(0), pacc.stride(1))
     meta = dict(
         HKV=hkv, G=g, G_PAD=_next_pow2(g), D=d, D_PAD=d_pad, BS=bs,
         PREFIX_M=c["prefix_m"], PREFIX_TILE=c["prefix_tile"], ROW_TILES=c["row_tiles"],
@@ -558,25 +501,13 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
-        PDL=pdl.applies(query.device), MERGE=False, TRIGGER=False, WAIT_PREFIX=False)
+        PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["part"] == "prefix":  # timing a part alone (benchmarks): no merge
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1, num_warps=c["num_warps"], **meta)
         return
     if c["part"] == "own":
         _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2, num_warps=c["suffix_warps"], **meta)
-        return
-    if c["merge_own"]:
-        # the own-key launch starts while the prefix programs run (PDL: the prefix programs let
-        # it launch at once), attends to its keys, then waits for the prefix kernel to finish
-        # and merges; it waits for nothing else: whatever it reads was complete before the
-        # prefix kernel let it launch. Without PDL it simply runs after the prefix kernel.
-        overlap = pdl.supported(query.device)
-        _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1, num_warps=c["num_warps"],
-                                     **(meta | {"TRIGGER": overlap}))
-        _cascade_kernel[(n_suffix,)](*args, 0, *scalars, ROLE=2, num_warps=c["suffix_warps"],
-                                     **(meta | {"PDL": False, "MERGE": True, "WAIT_PREFIX": overlap}
-                                        | pdl.launch_options(overlap)))
         return
     if c["separate"]:
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1,

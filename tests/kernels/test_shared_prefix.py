@@ -3,7 +3,7 @@ import torch
 
 from kernel_ref import TOL, naive_attention, rel_err
 from sharedecode.kernels.paged_attention import paged_attention
-from sharedecode.kernels.shared_prefix import (PrefixGroups, _alloc_scratch, find_prefix_groups,
+from sharedecode.kernels.shared_prefix import (PrefixGroups, find_prefix_groups,
                                                group_shared_prefixes, layout_groups,
                                                shared_prefix_decode, shared_prefix_decode_torch)
 
@@ -103,9 +103,6 @@ CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_spli
     (torch.bfloat16, 8, 8, 1, 64, (5, 3, 2), 64, 2, 2, {"prefix_m": 16, "suffix_tile": 16}),
     (torch.float32, 8, 12, 4, 64, (3, 3), 16, 2, 1, None),  # GQA 3: merge head blocks of 8, 4
     (torch.float16, 8, 8, 2, 64, (4, 2), 16, 3, 2, {"merge_heads": 1}),  # one head a program
-    # the own-key programs merge (the GPU's default where it has PDL) / the merge kernel
-    (torch.bfloat16, 16, 8, 2, 64, (6, 3), 4, 3, 1, {"merge_own": True, "suffix_warps": 2}),
-    (torch.float16, 8, 32, 8, 128, (3, 2), 64, 2, 1, {"merge_own": False}),
 ]
 
 
@@ -221,34 +218,6 @@ def test_scratch_garbage_is_never_read(device, monkeypatch):
     qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
     out = paged_attention(q, k, v, bt, ctx, qsl, scale=0.1, num_splits=8)
     assert rel_err(out.cpu(), ref) < 1e-4
-
-
-@pytest.mark.parametrize("suffix_splits", [1, 2])
-def test_own_key_programs_merge(suffix_splits, device, monkeypatch):
-    # merge_own: the own-key programs fold the prefix partials into their own softmax state (one
-    # own-key split; with two the merge kernel runs instead). Poisoned scratch: a sequence in no
-    # group reads no prefix slot; a member whose keys are all shared has an empty own part.
-    import sharedecode.kernels.shared_prefix as sp
-    monkeypatch.setattr(sp, "_alloc_scratch",
-                        lambda *a, **kw: tuple(x.fill_(float("nan")) for x in
-                                               _alloc_scratch(*a, **kw)))
-    (q, k, v, bt, ctx), expected = make_tree(device, torch.float32, bs=8, hq=8, hkv=2, d=32,
-                                             prefix_blocks=(4, 1), group_sizes=(3, 2), loners=2)
-    ctx[expected[0][0][0]] = 4 * 8  # all of this member's keys are the group's shared blocks
-    merges = []
-    merge_kernel = sp._cascade_merge_kernel
-    monkeypatch.setattr(sp, "_cascade_merge_kernel",
-                        type("Counted", (), {"__getitem__": lambda self, grid: merges.append(grid)
-                                             or merge_kernel[grid]})())
-    for kw in ({}, {"sliding_window": 20, "softcap": 3.0}):
-        ref = _reference(q, k, v, bt, ctx, 0.2, **kw)
-        groups = find_prefix_groups(bt, ctx, 8)
-        assert dict(groups.groups)[expected[0][0]] == 4
-        out = torch.full_like(q, float("nan"))
-        shared_prefix_decode(q, k, v, bt, ctx, scale=0.2, groups=groups, out=out, prefix_splits=3,
-                             suffix_splits=suffix_splits, _config={"merge_own": True}, **kw)
-        assert rel_err(out.cpu(), ref) < 1e-4
-    assert len(merges) == (0 if suffix_splits == 1 else 2)  # the merge kernel ran only with two
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
