@@ -202,7 +202,7 @@ def run_hf_generate_batch(model, prompts, new_tokens, repeats, device) -> dict:
 
 def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device, hf_batch=False,
                  ablate_shared_prefix=False, ablate_look_ahead=False, ablate_graph_copies=False,
-                 ablate_fused_top_p=False, ablate_compiled_prefill=False):
+                 ablate_fused_top_p=False, ablate_compiled_prefill=False, ablate_prefill_graphs=False):
     """Time sharedecode and HF generate (and, for shared prompts, HF generate_batch) on the same prompts."""
     ids = [torch.tensor(p) for p in prompts]
 
@@ -248,6 +248,13 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
             eager_prefill, _, _ = time_ours()
         finally:
             engine.graphs.compiled_prefill = compiled_prefill
+    uncaptured_prefill = None
+    if ablate_prefill_graphs and engine.prefill_graphs is not None:  # short prefills run eagerly
+        prefill_graphs, engine.prefill_graphs = engine.prefill_graphs, None
+        try:
+            uncaptured_prefill, _, _ = time_ours()
+        finally:
+            engine.prefill_graphs = prefill_graphs
     sorted_top_p = None
     params = getattr(ours, "params", None)
     if ablate_fused_top_p and params is not None and params.temperature > 0:  # the torch ops' sort
@@ -269,6 +276,10 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     if launched_copies is not None:
         row["sharedecode_copies_launched_s"] = launched_copies
         print(f"  {name:28s} ours {t_ours:7.3f}s copies in the graph, {launched_copies:7.3f}s launched",
+              flush=True)
+    if uncaptured_prefill is not None:
+        row["sharedecode_prefill_not_captured_s"] = uncaptured_prefill
+        print(f"  {name:28s} ours {t_ours:7.3f}s prefill graphs, {uncaptured_prefill:7.3f}s without",
               flush=True)
     if eager_prefill is not None:
         row["sharedecode_eager_prefill_s"] = eager_prefill
@@ -360,6 +371,8 @@ def main():
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--ablate-compiled-prefill", action="store_true",
                         help="also time each workload with the prefill run eagerly (not compiled)")
+    parser.add_argument("--ablate-prefill-graphs", action="store_true",
+                        help="also time each workload with short prefills run without their CUDA graphs")
     parser.add_argument("--ablate-rotary", action="store_true",
                         help="also time the decode step with the model's own rotary kernels (not deferred to "
                              "the attention kernels)")
@@ -514,6 +527,7 @@ def main():
                                                          ablate_look_ahead=args.ablate_look_ahead,
                                                          ablate_graph_copies=args.ablate_graph_copies,
                                                          ablate_compiled_prefill=args.ablate_compiled_prefill,
+                                                         ablate_prefill_graphs=args.ablate_prefill_graphs,
                                                          ablate_fused_top_p=args.ablate_fused_top_p))
             except Exception as error:  # record and go on: one failure must not lose the others
                 section["workloads"].append({"workload": workload[0], "error": repr(error)})

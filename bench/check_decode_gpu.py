@@ -16,7 +16,10 @@ tokens on the same fp32 model are printed beside them. Then steps launched ahead
 block tables made on the device) against reading each step first, with and without graphs and
 with the cascade forced on: the same tokens and scores, every block freed.
 
-    python bench/check_decode_gpu.py [--only plain|shared|look_ahead|beams]
+prefill_graphs: prefill chunks replayed from CUDA graphs against the eager prefill (logits, the
+whole KV pool, a replay, greedy tokens).
+
+    python bench/check_decode_gpu.py [--only plain|shared|look_ahead|beams|prefill_graphs]
 """
 
 import argparse
@@ -220,6 +223,57 @@ def check_look_ahead() -> bool:
     return ok
 
 
+# ------------------------------------------------------------------------------ prefill graphs
+def check_prefill_graphs() -> bool:
+    """Prefill chunks replayed from CUDA graphs (padded to their bucket) against the same engine
+    settings without them: logits, the keys and values written (the padding writes nowhere: the
+    whole pool is compared), a replay of a captured graph, and greedy tokens."""
+    from sharedecode import Greedy
+
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(dtype)
+        gen = torch.Generator().manual_seed(5)
+        cases = {"512": [512], "300": [300], "3 prompts": [50, 130, 201], "64": [64], "20": [20]}
+        for name, lengths in cases.items():
+            prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in lengths]
+            runs = {}
+            for captured in (True, False):
+                engine = Engine(model, backend="triton", kv_cache_bytes=2**28)
+                if not captured:
+                    engine.prefill_graphs = None
+                logits = [engine.prefill([engine.add(p) for p in prompts])]
+                engine.free_all()
+                engine.reset_prefix_cache()
+                logits.append(engine.prefill([engine.add(p) for p in prompts]))  # a replay
+                replayed = captured and len(engine.prefill_graphs.graphs) == 1
+                runs[captured] = (logits, engine.pool.tensor.float().clone(), replayed)
+            (got, pool, replayed), (want, want_pool, _) = runs[True], runs[False]
+            err = max(rel_l2(g, w) for g, w in zip(got, want))
+            pool_err = rel_l2(pool, want_pool)
+            same_top = all(bool((g.argmax(-1) == w.argmax(-1)).all()) for g, w in zip(got, want))
+            good = err < TOLERANCE[dtype] and pool_err < TOLERANCE[dtype] and replayed and same_top
+            ok &= good
+            print(f"prefill graphs {str(dtype)[6:]:8s} {name:10s}: logits rel err {err:.1e}, pool {pool_err:.1e}, "
+                  f"argmax {'same' if same_top else 'DIFFERS'}, one graph replayed: {replayed} "
+                  f"{'ok' if good else 'MISMATCH'}", flush=True)
+        if dtype == torch.float32:
+            prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (77, 260)]
+            tokens = {}
+            for captured in (True, False):
+                engine = Engine(model, backend="triton", kv_cache_bytes=2**28)
+                if not captured:
+                    engine.prefill_graphs = None
+                results = Greedy(engine, max_new_tokens=12, min_new_tokens=12).run(prompts)
+                tokens[captured] = [r.sequences[0].token_ids for r in results]
+                leaked = engine.kv_stats().blocks_in_use
+                ok &= leaked == 0
+            same = tokens[True] == tokens[False]
+            ok &= same
+            print(f"prefill graphs greedy: tokens {'identical' if same else 'DIFFER'} with and without", flush=True)
+    return ok
+
+
 # ------------------------------------------------------------------------------ beams
 def check_beams() -> bool:
     from sharedecode import BeamSearch
@@ -287,7 +341,7 @@ def check_beams() -> bool:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("plain", "shared", "look_ahead", "beams"))
+    parser.add_argument("--only", choices=("plain", "shared", "look_ahead", "beams", "prefill_graphs"))
     args = parser.parse_args()
     if args.only in (None, "plain"):
         check_plain()
@@ -296,6 +350,9 @@ if __name__ == "__main__":
         sys.exit(1)
     if args.only in (None, "look_ahead") and not check_look_ahead():
         print("look-ahead: MISMATCH", flush=True)
+        sys.exit(1)
+    if args.only in (None, "prefill_graphs") and not check_prefill_graphs():
+        print("prefill graphs: MISMATCH", flush=True)
         sys.exit(1)
     if args.only in (None, "beams") and not check_beams():
         print("beams: MISMATCH", flush=True)

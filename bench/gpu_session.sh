@@ -36,6 +36,8 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 17   # ~9 min: logits without the copy: GPU checks of
 #                                               #   look-ahead and beams on graphs, the cascade's
 #                                               #   kernel tests, #7's workloads end to end
+#   COMMIT=<sha> bash bench/gpu_session.sh 18   # ~9 min: prefill chunks from CUDA graphs: GPU
+#                                               #   check, #7's workloads with them ablated
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -147,8 +149,14 @@ case "${1:-1}" in
     run 290 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 260 --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
+18)
+    run 200 check-prefill-graphs python bench/check_decode_gpu.py --only prefill_graphs
+    run 330 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --ablate-prefill-graphs --time-budget 300 \
+        --out "$OUT/e2e-M1-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18" >&2
     exit 2
     ;;
 esac
