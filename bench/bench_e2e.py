@@ -218,7 +218,9 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     def time_ours():  # every run on a fresh prefix cache (see `timed`)
         return timed(run_ours, device, repeats, engine.reset_prefix_cache)
 
+    replays_before = engine.prefill_graphs.replays if engine.prefill_graphs is not None else 0
     t_ours, all_ours, result = time_ours()
+    prefill_graph_replays = (engine.prefill_graphs.replays if engine.prefill_graphs is not None else 0) - replays_before
     plain = None
     if ablate_shared_prefix and engine.shared_prefix:  # the same run with plain paged attention
         engine.shared_prefix = False
@@ -277,6 +279,7 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
         row["sharedecode_copies_launched_s"] = launched_copies
         print(f"  {name:28s} ours {t_ours:7.3f}s copies in the graph, {launched_copies:7.3f}s launched",
               flush=True)
+    row["prefill_graph_replays"] = prefill_graph_replays  # over the warm-up and timed runs
     if uncaptured_prefill is not None:
         row["sharedecode_prefill_not_captured_s"] = uncaptured_prefill
         print(f"  {name:28s} ours {t_ours:7.3f}s prefill graphs, {uncaptured_prefill:7.3f}s without",

@@ -38,6 +38,8 @@
 #                                               #   kernel tests, #7's workloads end to end
 #   COMMIT=<sha> bash bench/gpu_session.sh 18   # ~9 min: prefill chunks from CUDA graphs: GPU
 #                                               #   check, #7's workloads with them ablated
+#   COMMIT=<sha> bash bench/gpu_session.sh 19   # ~7 min: the same, twice, W-shared 256 with the
+#                                               #   W-beam 8 and W-sample 64 (prefill replays counted)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -155,8 +157,15 @@ case "${1:-1}" in
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --ablate-prefill-graphs --time-budget 300 \
         --out "$OUT/e2e-M1-$COMMIT.json"
     ;;
+19)
+    for i in 1 2; do
+        run 200 e2e-M1-$i python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+            --only "W-beam k=8,W-sample n=64,W-shared 256" --ablate-prefill-graphs --time-budget 170 \
+            --out "$OUT/e2e-M1-subset-$i-$COMMIT.json"
+    done
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19" >&2
     exit 2
     ;;
 esac

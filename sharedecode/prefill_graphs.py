@@ -74,6 +74,7 @@ class PrefillGraphs:
         self.block_tables = self.staging.device["block_rows"].view(rows, max_blocks)
         self.graphs: dict[PrefillKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all prefill graphs (their logits are copied out)
+        self.replays = 0  # chunks run through a graph so far
 
     def key(self, num_tokens: int, num_seqs: int, num_kept: int, widest: int) -> PrefillKey | None:
         """The graph of a chunk, or None when it does not fit one. The padded token count must
@@ -164,4 +165,5 @@ class PrefillGraphs:
             self._capture(key)
         graph, logits = self.graphs[key]
         graph.replay()
+        self.replays += 1
         return logits.clone()  # (the next prefill graph's replay may reuse its memory)
