@@ -374,9 +374,6 @@ def main():
                         help="also time the decode step with cuBLAS for every projection (no skinny GEMM)")
     parser.add_argument("--ablate-compiled-prefill", action="store_true",
                         help="also time each workload with the prefill run eagerly (not compiled)")
-    parser.add_argument("--skinny-rows", type=int, default=None,
-                        help="steps of at most this many rows take the skinny GEMM (default: "
-                             "fused_projections.SKINNY_ROWS; the kernel takes up to 64)")
     parser.add_argument("--ablate-prefill-graphs", action="store_true",
                         help="also time each workload with short prefills run without their CUDA graphs")
     parser.add_argument("--ablate-rotary", action="store_true",
@@ -385,10 +382,6 @@ def main():
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set a torch._inductor.config option (Python literal) for the whole run")
     args = parser.parse_args()
-    if args.skinny_rows is not None:  # (read when the steps are traced: before any engine exists)
-        import sharedecode.fused_projections as fused_projections
-
-        fused_projections.SKINNY_ROWS = args.skinny_rows
     t0 = time.perf_counter()
     for option in args.inductor:  # experiments: e.g. combo_kernels=True
         import ast
@@ -412,9 +405,6 @@ def main():
         report["triton"] = triton.__version__
     except ImportError:
         pass
-    import sharedecode.fused_projections as fused_projections
-
-    report["skinny_rows"] = fused_projections.SKINNY_ROWS
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else 50e9
     report["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(report, flush=True)

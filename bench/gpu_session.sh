@@ -40,9 +40,6 @@
 #                                               #   check, #7's workloads with them ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 19   # ~7 min: the same, twice, W-shared 256 with the
 #                                               #   W-beam 8 and W-sample 64 (prefill replays counted)
-#   COMMIT=<sha> bash bench/gpu_session.sh 20   # ~8 min: the skinny GEMM at 32 and 64 rows
-#                                               #   against cuBLAS; W-sample 64 / W-shared 32 with
-#                                               #   it routed up to 16 rows, then up to 64
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -167,17 +164,8 @@ case "${1:-1}" in
             --out "$OUT/e2e-M1-subset-$i-$COMMIT.json"
     done
     ;;
-20)
-    run 150 skinny-gemm python bench/bench_skinny_gemm.py --models M1 --rows 16,32,64 --sweep none \
-        --out "$OUT/skinny-gemm-$COMMIT.json"
-    for rows in 16 64; do
-        run 170 e2e-M1-skinny-$rows python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
-            --only "W-sample n=64,W-shared 32" --skinny-rows $rows --time-budget 150 \
-            --out "$OUT/e2e-M1-skinny-$rows-$COMMIT.json"
-    done
-    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|20" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19" >&2
     exit 2
     ;;
 esac

@@ -6,14 +6,14 @@
     skinny_silu_linear(gate_up, weight, bias=None, config=None)  (silu(gate) * up) @ W^T (+ bias)
     skinny_silu_linear_torch, torch.ops.sharedecode.skinny_silu_linear: as above
 
-Shapes: x [M, K] with 1 <= M <= MAX_ROWS = 64 (rows may be strided), weight [N, K] (nn.Linear layout,
+Shapes: x [M, K] with 1 <= M <= MAX_ROWS (rows may be strided), weight [N, K] (nn.Linear layout,
 K contiguous), bias [N] or None; fp16 / bf16 / fp32, all the same dtype. Accumulation is fp32,
 y [M, N] is contiguous in x's dtype.
 
-At decode, M is 1..64 and the time is the time to read W once. One program owns BLOCK_N rows of W
+At decode, M is 1..16 and the time is the time to read W once. One program owns BLOCK_N rows of W
 (and optionally one of SPLIT_K slices of K) and streams them in [BLOCK_N, BLOCK_K] tiles with
 16-byte loads along K through a num_stages-deep software pipeline, multiplying each tile with the
-x tile (M rows padded to 16, the smallest tl.dot, or to 32 or 64) on the tensor cores. ``choose_config`` picks the
+x tile (M rows padded to 16, the smallest tl.dot) on the tensor cores. ``choose_config`` picks the
 tile sizes so that there are enough programs to keep every SM streaming. With SPLIT_K > 1 the
 slices write fp32 partials that the last slice to finish (or a second small kernel) sums in a fixed
 order, adds the bias and casts. Nothing on the launch path reads device memory on the host and the
@@ -45,7 +45,7 @@ if HAS_TRITON:
 __all__ = ["skinny_linear", "skinny_linear_torch", "skinny_silu_linear", "skinny_silu_linear_torch",
            "SkinnyConfig", "choose_config", "MAX_ROWS"]
 
-MAX_ROWS = 64  # rows of x per call: one tl.dot tile (M padded to 16, 32 or 64 rows)
+MAX_ROWS = 16  # rows of x per call: one tl.dot tile (the M rows are padded to 16)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCE_BLOCK = 256  # columns per program of the split-K reduction
 
@@ -93,7 +93,7 @@ def choose_config(M: int, N: int, K: int, num_sms: int, elem_bytes: int = 2,
     nearest to ``num_sms`` (log scale), on a tie the widest tile. BLOCK_N 16 was slower
     everywhere (up to 1.3x). The pick was within 5% of the best of 72 swept configs on every
     M1 / M2 shape at M = 1, 8, 16 (H200; the H100, with less bandwidth, is not measured yet).
-    M enters only the shared memory an x tile takes per stage (M padded to 16, 32 or 64 rows).
+    M does not enter: the x tile is padded to 16 rows whatever M is.
     ``max_smem`` (bytes per block) lowers num_stages on GPUs with less shared memory; ``gated``
     (skinny_silu_linear, K = I) counts the two x tiles (gate and up) each stage keeps there.
     """
@@ -120,8 +120,7 @@ def choose_config(M: int, N: int, K: int, num_sms: int, elem_bytes: int = 2,
     _, bn, bk, split = best
     stages = 4
     if max_smem is not None:  # Triton keeps (stages - 1) W and x tiles in shared memory
-        x_rows = block_rows(M) * (2 if gated else 1)
-        stage_bytes = (bn + x_rows) * bk * elem_bytes
+        stage_bytes = (bn + (32 if gated else 16)) * bk * elem_bytes
         stages = max(2, min(stages, 1 + max_smem // stage_bytes))
     return SkinnyConfig(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages)
 
@@ -129,11 +128,6 @@ def choose_config(M: int, N: int, K: int, num_sms: int, elem_bytes: int = 2,
 # ----------------------------------------------------------------------------------------------
 # validation (shared by the Triton and torch versions)
 # ----------------------------------------------------------------------------------------------
-def block_rows(M: int) -> int:
-    """The x tile's rows for M rows: 16 (the smallest tl.dot), 32 or 64."""
-    return max(16, 1 << max(0, M - 1).bit_length())
-
-
 def _check(x, weight, bias, gated: bool = False) -> None:
     """Shapes, dtypes, devices; ``gated``: x is gate_up [M, 2K] (gate | up) for weight [N, K]."""
     xn = "gate_up" if gated else "x"
@@ -391,7 +385,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     # Split-K partials go to an fp32 scratch [splits, M, N] rather than to fp32 atomics: no
     # zeroing launch (every partial is written), and a result that does not depend on the order
     # programs finish in (same logits in eager, compiled and graph replays); the scratch is at
-    # most 64 x 64 x N x 4 bytes, negligible next to W. The last program of each column block to
+    # most 64 x 16 x N x 4 bytes, negligible next to W. The last program of each column block to
     # finish sums the slices in a fixed order (an arrival counter, as paged_attention's split
     # merge), so split-K costs no second launch.
     partial = splits > 1
@@ -404,7 +398,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     _skinny_kernel[(column_blocks, splits)](
         x, weight, b, y, scratch, arrivals, M, N, K, k_per_split, k_per_split // config.block_k,
         x.stride(0), x.stride(1), weight.stride(0), b.stride(0), y.stride(0),
-        BLOCK_M=block_rows(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, PARTIAL=partial,
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PARTIAL=partial,
         HAS_BIAS=bias is not None, EVEN_K=splits * k_per_split == K,
         PREC="ieee" if x.dtype == torch.float32 else None, DOT_F32=_dot_f32(x.dtype),
         SUM_HERE=sum_here, PDL=use_pdl, GATED=gated, FENCE=not _interpreting(),

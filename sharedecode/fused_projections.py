@@ -10,7 +10,7 @@ keeps working unchanged and no weight is stored twice.
 
 With `skinny=True` (the captured decode steps' default), every projection of a decoder layer
 (fused or not: o_proj and down_proj too) runs through the Triton skinny GEMM when the step has at
-most `SKINNY_ROWS` rows. On the H100 the M1 decode step at batch 1 took 1.31 ms with it against 1.50
+most `MAX_ROWS` rows. On the H100 the M1 decode step at batch 1 took 1.31 ms with it against 1.50
 ms through cuBLAS, and the same at batch 8 (bench/NOTES.md, item 19). It also swaps the `forward`
 of gated SiLU MLPs (transformers' `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU: Llama,
 Mistral, Qwen2/3 and their copies) so that the down projection's GEMM computes silu(gate) * up from
@@ -35,10 +35,6 @@ from transformers import activations
 from sharedecode.kernels.paged_attention import _interpreting
 from sharedecode.kernels.skinny_matmul import MAX_ROWS  # (also registers the ops)
 
-# Steps of at most this many rows take the skinny GEMM (the kernel takes up to MAX_ROWS): measured
-# faster than cuBLAS on the H100 up to 16 rows (bench/NOTES.md, item 19).
-SKINNY_ROWS = 16
-
 # Projections that a transformers decoder layer applies to the same input, in call order.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Projections applied alone (each to its own input), routed through the skinny GEMM only.
@@ -53,11 +49,11 @@ _GATED_MLP_FORWARDS = {ast.dump(ast.parse(f"def forward(self, x):\n    {body}").
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skinny: bool) -> torch.Tensor:
-    """`x @ weight^T (+ bias)`: the Triton skinny GEMM for a CUDA step of at most SKINNY_ROWS rows
+    """`x @ weight^T (+ bias)`: the Triton skinny GEMM for a CUDA step of at most MAX_ROWS rows
     when `skinny`, else `nn.functional.linear` (cuBLAS)."""
     rows = x.numel() // x.shape[-1]
     # (on the CPU only under the Triton interpreter: tests run the kernel there)
-    if skinny and (x.is_cuda or _interpreting()) and rows <= SKINNY_ROWS:
+    if skinny and (x.is_cuda or _interpreting()) and rows <= MAX_ROWS:
         y = torch.ops.sharedecode.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return nn.functional.linear(x, weight, bias)
@@ -117,10 +113,10 @@ class SkinnyProjection(nn.Module):
 def gated_mlp_forward(mlp: nn.Module, fused: FusedProjection, down: nn.Linear,
                       x: torch.Tensor) -> torch.Tensor:
     """A gated SiLU MLP's forward (bound to `mlp` as its instance `forward`): for a CUDA step of at
-    most SKINNY_ROWS rows the fused gate|up GEMM, then the down projection taking silu(gate) * up from
+    most MAX_ROWS rows the fused gate|up GEMM, then the down projection taking silu(gate) * up from
     its output; else the class's forward (through the swapped-in projections)."""
     rows = x.numel() // x.shape[-1]
-    if rows <= SKINNY_ROWS and (x.is_cuda or _interpreting()):
+    if rows <= MAX_ROWS and (x.is_cuda or _interpreting()):
         gate_up = fused(x, True)
         y = torch.ops.sharedecode.skinny_silu_linear(gate_up.reshape(rows, -1), down.weight, down.bias)
         return y.view(*x.shape[:-1], down.out_features)

@@ -96,27 +96,12 @@ def test_strided_x_and_weight(dtype, config, device):
 
 
 def test_every_row_count(device):
-    # M in 1..16 and around the 32- and 64-row tiles, one weight: the padded rows of the dot never
-    # leak into the output
+    # all M in 1..16 with one weight: the padded rows of the dot never leak into the output
     w = rand(24, 80, dtype=torch.float32, device=device)
     x = rand(MAX_ROWS, 80, dtype=torch.float32, device=device)
-    assert MAX_ROWS == 64
-    for m in [*range(1, 18), 31, 32, 33, 47, 63, 64]:
+    for m in range(1, MAX_ROWS + 1):
         y = skinny_linear(x[:m], w)
         assert rel_err(y, reference(x[:m], w)) < TOL[torch.float32], m
-
-
-@pytest.mark.parametrize("m", [40, 64])
-def test_wide_row_tiles_plain_gated_and_split(m, device):
-    # 64-row x tiles: bf16, the gated variant, split-K with the in-kernel sum
-    x = rand(m, 192, dtype=torch.bfloat16, device=device)
-    w = rand(48, 192, dtype=torch.bfloat16, device=device)
-    b = rand(48, dtype=torch.bfloat16, device=device)
-    assert rel_err(skinny_linear(x, w, b, config=CONFIGS["split"]), reference(x, w, b)) < TOL[torch.bfloat16]
-    gate_up = rand(m, 2 * 96, dtype=torch.bfloat16, device=device)
-    down = rand(40, 96, dtype=torch.bfloat16, device=device)
-    assert rel_err(skinny_silu_linear(gate_up, down), skinny_silu_linear_torch(gate_up, down)) \
-        < TOL[torch.bfloat16]
 
 
 def test_split_k_is_deterministic_and_matches_no_split(device):

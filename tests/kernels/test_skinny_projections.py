@@ -1,5 +1,5 @@
 """The decode step's projections through the skinny GEMM (ProjectionFuser(skinny=True)): the same
-logits as the model's own forward, the kernel used for steps of at most SKINNY_ROWS rows only, and
+logits as the model's own forward, the kernel used for steps of at most MAX_ROWS rows only, and
 the SiLU MLPs' down projection computing silu(gate) * up itself (the gated kernel)."""
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_the_gated_forward_is_swapped_in_for_the_block_only(model):
     assert not any("forward" in vars(m) for m in mlps(model))
 
 
-def test_more_rows_than_skinny_rows_use_the_plain_gemm(model, monkeypatch):
+def test_more_rows_than_the_kernel_takes_use_the_plain_gemm(model, monkeypatch):
     ids = torch.randint(0, 96, (2, 9))  # 18 rows
     with torch.no_grad():
         reference = model(ids).logits
