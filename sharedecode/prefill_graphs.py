@@ -19,6 +19,7 @@ the unpadded forward (up to the GEMMs' choice of algorithm for another row count
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -84,7 +85,8 @@ class PrefillGraphs:
             return None
         tokens = token_bucket(num_tokens)
         key = PrefillKey(tokens, num_seqs, num_kept, tokens > num_tokens)
-        if key.tokens <= key.graph_seqs or (key not in self.graphs and len(self.graphs) >= self.max_graphs):
+        if key.tokens <= key.graph_seqs or (key not in self.graphs and len(self.graphs) >= self.max_graphs) \
+                or self.max_graphs == 0:
             return None
         return key
 
@@ -158,7 +160,18 @@ class PrefillGraphs:
         if key is None:
             return None
         self.stage(key, token_ids, positions, slots, block_rows, context_lens, query_lens, keep)
-        return self._replay(key)
+        try:
+            return self._replay(key)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a model whose forward cannot be captured
+            # (the warm-up may have written this chunk's keys and values: the eager forward the
+            # caller runs instead writes the same ones)
+            warnings.warn(f"capturing a prefill graph failed ({type(error).__name__}: {error}); "
+                          "prefills run without graphs from now on", RuntimeWarning, stacklevel=3)
+            self.max_graphs = 0
+            self.graphs.clear()
+            return None
 
     def _replay(self, key: PrefillKey) -> torch.Tensor:
         if key not in self.graphs:

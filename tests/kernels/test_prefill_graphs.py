@@ -123,3 +123,23 @@ def test_long_chunks_and_other_engines_keep_the_eager_prefill(model):
     assert engine.prefill_graphs.keys == []  # 100 tokens > the largest bucket (64): eager
     torch.testing.assert_close(logits, reference.prefill([reference.add(prompt)]))
     assert Engine(model, backend="triton", kv_cache_bytes=2**20).prefill_graphs is None  # no CUDA
+
+
+def test_a_forward_that_cannot_be_captured_falls_back_to_the_eager_prefill(model):
+    class Failing(UncapturedPrefillGraphs):
+        def _replay(self, key):
+            super()._replay(key)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = graph_engine(model)
+    graphs = engine.prefill_graphs = Failing(engine, engine.prefill_graphs.decode_graphs, max_tokens=128,
+                                             max_blocks=engine.prefill_graphs.max_blocks)
+    prompt = torch.randint(3, VOCAB, (40,)).tolist()
+    reference = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
+    with pytest.warns(RuntimeWarning, match="prefill graph failed"):
+        logits = engine.prefill([engine.add(prompt)])
+    torch.testing.assert_close(logits, reference.prefill([reference.add(prompt)]))
+    assert len(graphs.keys) == 1 and graphs.key(40, 1, 1, 5) is None  # off from now on
+    engine.free_all()
+    engine.prefill([engine.add(prompt[:30])])
+    assert len(graphs.keys) == 1
