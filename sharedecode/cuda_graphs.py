@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +139,21 @@ def _more_recompiles(limit: int = 64):
     if hasattr(config, "fail_on_recompile_limit_hit"):
         changes["fail_on_recompile_limit_hit"] = True
     return config.patch(**changes)
+
+
+def capture(warm_up: Callable[[], object], forward: Callable[[], torch.Tensor],
+            pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of `forward` and its output, after `warm_up` on a side stream (compilation,
+    Triton's and cuBLAS's choices happen there, off the graph); `pool`: the memory pool to share."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warm_up()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    return graph, output
 
 
 class DecodeGraphs:
@@ -298,14 +313,7 @@ class DecodeGraphs:
         """Capture `key`'s graph. The staged inputs are the current step's, so the warm-up forwards
         only rewrite this step's own K/V slots with the values the replay writes anyway."""
         with torch.inference_mode(), self.model_swaps(), _more_recompiles():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._warm_up(key)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(key)
+            graph, logits = capture(lambda: self._warm_up(key), lambda: self._forward(key), self.pool)
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)
 

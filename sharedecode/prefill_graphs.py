@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sharedecode.attention import PagedBatch
-from sharedecode.cuda_graphs import Staging, _more_recompiles
+from sharedecode.cuda_graphs import Staging, _more_recompiles, capture
 
 TOKEN_STEP = 64  # chunk lengths above 32 tokens are rounded up to a multiple of this
 MAX_SEQS = 16  # sequences per chunk (one prompt usually; a few when several are admitted at once)
@@ -139,15 +139,8 @@ class PrefillGraphs:
         """Capture `key`'s graph. The staged inputs are the chunk's own, so the warm-up forwards
         only write its keys and values into their slots, as the replay does anyway."""
         with torch.inference_mode(), self.decode_graphs.model_swaps(), _more_recompiles():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # Triton's and cuBLAS's choices happen off the graph
-                    self._forward(key)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(key)
+            graph, logits = capture(lambda: [self._forward(key) for _ in range(2)],
+                                    lambda: self._forward(key), self.pool)
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)
 

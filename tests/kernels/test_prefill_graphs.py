@@ -6,24 +6,12 @@ eagerly on its static buffers (the capture itself is GPU-only: bench/check_decod
 """
 import pytest
 import torch
-import transformers
 
 from sharedecode import Engine
 from sharedecode.cuda_graphs import DecodeGraphs
 from sharedecode.prefill_graphs import PrefillGraphs, PrefillKey, token_bucket
 from sharedecode.strategies import Greedy
-
-BLOCK = 8
-VOCAB = 96
-
-
-def tiny_llama() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      head_dim=8, max_position_embeddings=256, initializer_range=0.2)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+from test_shared_prefix_engine import BLOCK, VOCAB, tiny_llama
 
 
 @pytest.fixture(scope="module")
