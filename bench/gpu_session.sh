@@ -40,6 +40,8 @@
 #                                               #   check, #7's workloads with them ablated
 #   COMMIT=<sha> bash bench/gpu_session.sh 19   # ~7 min: the same, twice, W-shared 256 with the
 #                                               #   W-beam 8 and W-sample 64 (prefill replays counted)
+#   COMMIT=<sha> bash bench/gpu_session.sh 21   # ~6 min: the prefill graphs' GPU check, #7's
+#                                               #   workloads end to end
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -164,8 +166,14 @@ case "${1:-1}" in
             --out "$OUT/e2e-M1-subset-$i-$COMMIT.json"
     done
     ;;
+21)
+    run 120 check-prefill-graphs python bench/check_decode_gpu.py --only prefill_graphs
+    run 230 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 200 \
+        --out "$OUT/e2e-M1-subset-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|21" >&2
     exit 2
     ;;
 esac
