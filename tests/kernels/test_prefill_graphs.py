@@ -131,3 +131,16 @@ def test_a_forward_that_cannot_be_captured_falls_back_to_the_eager_prefill(model
     engine.free_all()
     engine.prefill([engine.add(prompt[:30])])
     assert len(graphs.keys) == 1
+
+
+def test_chunked_prompts_keep_no_logits_in_their_first_chunks(model):
+    """With a small chunk budget a prompt spans several graph chunks, the first ones keeping no
+    logits; the result is the eager prefill's."""
+    engine = graph_engine(model, max_prefill_tokens=24)
+    reference = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20, max_prefill_tokens=24)
+    prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (50, 9)]
+    logits = engine.prefill([engine.add(p) for p in prompts])
+    torch.testing.assert_close(logits, reference.prefill([reference.add(p) for p in prompts]),
+                               rtol=1e-4, atol=1e-4)
+    assert [k.kept for k in engine.prefill_graphs.keys] == [0, 0, 2]  # 24 + 24 + (2 + 9) tokens
+    torch.testing.assert_close(engine.pool.tensor, reference.pool.tensor, rtol=1e-4, atol=1e-4)
