@@ -89,7 +89,9 @@ class Engine:
         device: where to run; default: the model's device (a name loads on CUDA when available).
         max_prefill_tokens: the most prompt tokens computed by one forward (chunked prefill).
         kv_cache_fraction: the fraction of free GPU memory given to the KV pool by default.
-        cuda_graphs: on CUDA with the triton backend, replay decode steps as CUDA graphs.
+        cuda_graphs: on CUDA with the triton backend, replay decode steps as CUDA graphs, and
+            prefill chunks of fewer than 1,024 tokens (and at most 16 prompts) too, each padded
+            to its token bucket (prefill_graphs.py; a graph is captured at a bucket's first use).
         compile: torch.compile the decode step before capturing it, and prefill chunks (dynamic
             shapes); fewer, fused kernels and far fewer launches from Python. The first step of
             each new batch size, and the first prefills, then take a while. Only with cuda_graphs.

@@ -12,7 +12,7 @@ reads finite, meaningless keys) and whose logits are not kept. Rows are independ
 layer but attention, and attention keeps sequences apart, so the real sequences' logits are those of
 the unpadded forward (up to the GEMMs' choice of algorithm for another row count).
 
-    graphs = PrefillGraphs(engine, max_tokens=1024, max_blocks=2048)
+    graphs = PrefillGraphs(engine, decode_graphs, max_tokens=1024, max_blocks=2048)
     logits = graphs.run(ids, positions, slots, block_rows, context_lens, query_lens, keep)
     # None: the chunk does not fit a graph (too long, too many sequences, the graph bound reached)
 """
