@@ -160,7 +160,7 @@ class PrefillGraphs:
         except Exception as error:  # noqa: BLE001 - a model whose forward cannot be captured
             # (the warm-up may have written this chunk's keys and values: the eager forward the
             # caller runs instead writes the same ones)
-            warnings.warn(f"capturing a prefill graph failed ({type(error).__name__}: {error}); "
+            warnings.warn(f"a prefill graph failed ({type(error).__name__}: {error}); "
                           "prefills run without graphs from now on", RuntimeWarning, stacklevel=3)
             self.max_graphs = 0
             self.graphs.clear()
