@@ -200,8 +200,7 @@ class Engine:
             if self._keeps_logits:  # (a graph keeps its chunk's last-token logits only)
                 from sharedecode.prefill_graphs import PrefillGraphs
 
-                self.prefill_graphs = PrefillGraphs(self, self.graphs, max_tokens=SWAP_FROM_TOKENS,
-                                                    max_blocks=self.graphs.max_blocks)
+                self.prefill_graphs = PrefillGraphs(self, self.graphs, max_tokens=SWAP_FROM_TOKENS)
 
     # ---------------------------------------------------------------- setup
     def _default_kv_bytes(self, fraction: float) -> int:

@@ -12,7 +12,7 @@ reads finite, meaningless keys) and whose logits are not kept. Rows are independ
 layer but attention, and attention keeps sequences apart, so the real sequences' logits are those of
 the unpadded forward (up to the GEMMs' choice of algorithm for another row count).
 
-    graphs = PrefillGraphs(engine, decode_graphs, max_tokens=1024, max_blocks=2048)
+    graphs = PrefillGraphs(engine, decode_graphs, max_tokens=1024)
     logits = graphs.run(ids, positions, slots, block_rows, context_lens, query_lens, keep)
     # None: the chunk does not fit a graph (too long, too many sequences, the graph bound reached)
 """
@@ -57,14 +57,14 @@ class PrefillGraphs:
     """Captured prefill forwards, for an engine whose decode steps are captured (`graphs`: its
     DecodeGraphs, whose swaps the prefill runs with, as the compiled prefill does)."""
 
-    def __init__(self, engine, graphs, max_tokens: int, max_blocks: int, max_seqs: int = MAX_SEQS,
+    def __init__(self, engine, graphs, max_tokens: int, max_seqs: int = MAX_SEQS,
                  max_graphs: int = MAX_GRAPHS):
         self.engine = engine
         self.decode_graphs = graphs
         self.max_tokens = token_bucket(max_tokens)
         self.max_seqs = max_seqs
         self.max_graphs = max_graphs
-        self.max_blocks = max_blocks
+        self.max_blocks = max_blocks = graphs.max_blocks  # (the widest table the decode graphs take)
         i64, i32 = torch.int64, torch.int32
         rows = max_seqs + 1
         self.staging = Staging({"input_ids": (i64, self.max_tokens), "positions": (i64, self.max_tokens),
@@ -85,8 +85,7 @@ class PrefillGraphs:
             return None
         tokens = token_bucket(num_tokens)
         key = PrefillKey(tokens, num_seqs, num_kept, tokens > num_tokens)
-        if key.tokens <= key.graph_seqs or (key not in self.graphs and len(self.graphs) >= self.max_graphs) \
-                or self.max_graphs == 0:
+        if key.tokens <= key.graph_seqs or (key not in self.graphs and len(self.graphs) >= self.max_graphs):
             return None
         return key
 

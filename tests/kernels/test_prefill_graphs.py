@@ -35,8 +35,7 @@ class UncapturedPrefillGraphs(PrefillGraphs):
 def graph_engine(model, max_tokens=128, **kwargs) -> Engine:
     engine = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20, **kwargs)
     graphs = DecodeGraphs(engine, max_batch=16, max_context=128, fuse_projections=False)
-    engine.prefill_graphs = UncapturedPrefillGraphs(engine, graphs, max_tokens=max_tokens,
-                                                    max_blocks=graphs.max_blocks)
+    engine.prefill_graphs = UncapturedPrefillGraphs(engine, graphs, max_tokens=max_tokens)
     return engine
 
 
@@ -120,8 +119,7 @@ def test_a_forward_that_cannot_be_captured_falls_back_to_the_eager_prefill(model
             raise RuntimeError("operation not permitted when stream is capturing")
 
     engine = graph_engine(model)
-    graphs = engine.prefill_graphs = Failing(engine, engine.prefill_graphs.decode_graphs, max_tokens=128,
-                                             max_blocks=engine.prefill_graphs.max_blocks)
+    graphs = engine.prefill_graphs = Failing(engine, engine.prefill_graphs.decode_graphs, max_tokens=128)
     prompt = torch.randint(3, VOCAB, (40,)).tolist()
     reference = Engine(model, backend="triton", block_size=BLOCK, kv_cache_bytes=2**20)
     with pytest.warns(RuntimeWarning, match="a prefill graph failed"):
