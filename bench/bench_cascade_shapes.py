@@ -82,6 +82,7 @@ VARIANTS = {
     "mh1": v(merge_heads=1),  # the merge with 1 / 4 / 32 heads of a sequence per program
     "mh4": v(merge_heads=4),
     "mh32": v(merge_heads=32),
+    "half": v(half_partials=True),  # partials in bf16, not fp32: half the bytes written and merged
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

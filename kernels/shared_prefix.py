@@ -215,7 +215,8 @@ if HAS_TRITON:
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(PACC + pbase[:, None] + offs_d[None, :], acc / l_safe[:, None],
+        tl.store(PACC + pbase[:, None] + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(PACC.dtype.element_ty),
                  mask=row_valid[:, None] & (offs_d[None, :] < D))
         tl.store(PLSE + pbase // D_PAD, lse, mask=row_valid)
 
@@ -385,7 +386,7 @@ if HAS_TRITON:
             live = rows & (first <= slot)
             lse = tl.load(PLSE + base // D_PAD + slot, mask=live, other=float("-inf"))
             part = tl.load(PACC + base[:, None] + slot * D_PAD + offs_d[None, :],
-                           mask=live[:, None] & d_mask[None, :], other=0.0)
+                           mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             m_new = tl.maximum(m, lse)
             alpha = tl.exp2(m - m_new)
             w = tl.exp2(lse - m_new)
@@ -417,7 +418,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads"}
+                "suffix_warps", "part", "merge_heads", "half_partials"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -428,7 +429,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
     incomplete result that only times the part), merge_heads (heads of a sequence per program
-    of the merge, a power of two)."""
+    of the merge, a power of two), half_partials (the split partials stored in the query's
+    16-bit dtype, not fp32)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -447,7 +449,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
-         "merge_heads": cfg.get("merge_heads") or MERGE_HEADS}
+         "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
+         "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
@@ -468,10 +471,12 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     return c
 
 
-def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device):
-    """fp32 partials acc [S, Hq, NS, D_PAD] and base-2 lse [S, Hq, NS]. No fill: every slot the
+def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device,
+                   acc_dtype: torch.dtype = torch.float32):
+    """Partials acc [S, Hq, NS, D_PAD] (normalised: each is a weighted mean of values, so a 16-bit
+    dtype holds it without overflow) and fp32 base-2 lse [S, Hq, NS]. No fill: every slot the
     merge reads is written (the prefix slots of sequences in no group are never read)."""
-    pacc = torch.empty((s, hq, ns, d_pad), dtype=torch.float32, device=device)
+    pacc = torch.empty((s, hq, ns, d_pad), dtype=acc_dtype, device=device)
     plse = torch.empty((s, hq, ns), dtype=torch.float32, device=device)
     return pacc, plse
 
@@ -484,7 +489,8 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
     g = hq // hkv
     d_pad = max(16, _next_pow2(d))
     ns = c["prefix_splits"] + c["suffix_splits"]
-    pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device)
+    pacc, plse = _alloc_scratch(s, hq, ns, d_pad, query.device,
+                                query.dtype if c["half_partials"] else torch.float32)
     n_prefix = groups.num_chunks * hkv * c["prefix_splits"] * c["row_tiles"]
     n_suffix = s * hkv * c["suffix_splits"]
     args = (query, k_cache, v_cache, block_tables, context_lens, groups.members,
