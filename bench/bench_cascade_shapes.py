@@ -83,6 +83,16 @@ VARIANTS = {
     "mh4": v(merge_heads=4),
     "mh32": v(merge_heads=32),
     "half": v(half_partials=True),  # partials in bf16, not fp32: half the bytes written and merged
+    # a register cap (152 -> 128 a thread: 4 programs an SM, not 3; ncu of 752422f: the prefix
+    # programs are latency-bound at 8 active warps an SM)
+    "nr128": v(maxnreg=128),
+    "half_nr128": v(half_partials=True, maxnreg=128),
+    "half_nr128_ps12": v(12, half_partials=True, maxnreg=128),
+    "half_nr128_ps16": v(16, half_partials=True, maxnreg=128),
+    "half_nr96": v(half_partials=True, maxnreg=96),
+    "half_w8": v(half_partials=True, num_warps=8),
+    "half_w8_nr128": v(half_partials=True, num_warps=8, maxnreg=128),
+    "half_ns3_nr128": v(half_partials=True, num_stages=3, maxnreg=128),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),

@@ -418,7 +418,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads", "half_partials"}
+                "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -450,7 +450,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
          "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
-         "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32}
+         "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32,
+         "maxnreg": cfg.get("maxnreg")}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
@@ -509,6 +510,8 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
         PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
+    if c["maxnreg"]:
+        meta["maxnreg"] = c["maxnreg"]
     if c["part"] == "prefix":  # timing a part alone (benchmarks): no merge
         _cascade_kernel[(n_prefix,)](*args, n_prefix, *scalars, ROLE=1, num_warps=c["num_warps"], **meta)
         return
