@@ -93,11 +93,20 @@ VARIANTS = {
     "half_w8": v(half_partials=True, num_warps=8),
     "half_w8_nr128": v(half_partials=True, num_warps=8, maxnreg=128),
     "half_ns3_nr128": v(half_partials=True, num_stages=3, maxnreg=128),
+    **{f"half_nr128_ps{ps}": v(ps, half_partials=True, maxnreg=128) for ps in (10, 11, 13, 14)},
+    "half_nr128_ps12_mh4": v(12, half_partials=True, maxnreg=128, merge_heads=4),
+    "half_nr128_ps12_mh2": v(12, half_partials=True, maxnreg=128, merge_heads=2),
+    **{f"half_nr{n}": v(half_partials=True, maxnreg=n) for n in (80, 104, 112)},
+    "half_nr96_ps4": v(4, half_partials=True, maxnreg=96),
+    "half_nr96_mh4": v(half_partials=True, maxnreg=96, merge_heads=4),
+    "half_mh4": v(half_partials=True, merge_heads=4),
+    "prefix_part_nr128": v(part="prefix", maxnreg=128),
+    "own_part_nr128": v(part="own", maxnreg=128),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),
 }
-TIMING_ONLY = {"prefix_part", "own_part"}
+TIMING_ONLY = {"prefix_part", "own_part", "prefix_part_nr128", "own_part_nr128"}
 
 
 def build(shape: Shape, gen: torch.Generator):
