@@ -110,17 +110,13 @@ VARIANTS = {
     "half_nr128_ps11_pdl": v(11, half_partials=True, maxnreg=128, pdl_merge=True),
     "half_nr128_ps12_pdl": v(12, half_partials=True, maxnreg=128, pdl_merge=True),
     "half_nr96_mh4_pdl": v(half_partials=True, maxnreg=96, merge_heads=4, pdl_merge=True),
-    "half_nr128_ps11_peel": v(11, half_partials=True, maxnreg=128, peel=True),
-    "half_nr128_ps12_peel": v(12, half_partials=True, maxnreg=128, peel=True),
-    "half_nr96_mh4_peel": v(half_partials=True, maxnreg=96, merge_heads=4, peel=True),
-    "prefix_part_peel": v(part="prefix", peel=True),
     "prefix_part_nr128": v(part="prefix", maxnreg=128),
     "own_part_nr128": v(part="own", maxnreg=128),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),
 }
-TIMING_ONLY = {"prefix_part", "own_part", "prefix_part_nr128", "own_part_nr128", "prefix_part_peel"}
+TIMING_ONLY = {"prefix_part", "own_part", "prefix_part_nr128", "own_part_nr128"}
 
 
 def build(shape: Shape, gen: torch.Generator):

@@ -262,20 +262,14 @@ if HAS_TRITON:
                       qk_scale, softcap, window,
                       BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr,
-                      EVEN: tl.constexpr):
+                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr):
         """Online softmax over key tiles [tile_lo, tile_hi) of one sequence (log2 domain).
         K_ROWS loads K as [N, D] rows (like V) and transposes it in the dot, else as [D, N].
-        EVICT: the K/V loads' L2 eviction policy ("", "evict_first", "evict_last"). EVEN: every
-        key of every tile lies in [kv_lo, kv_hi) (the caller knows): no key mask at all, and
-        without CAUSAL / HAS_WINDOW no row mask either (rows not valid must not be stored)."""
+        EVICT: the K/V loads' L2 eviction policy ("", "evict_first", "evict_last")."""
         offs_n = tl.arange(0, TILE_N)
         for t in range(tile_lo, tile_hi):
             kpos = t * TILE_N + offs_n
-            if EVEN:
-                kmask = tl.full([TILE_N], 1, tl.int1)  # a constant: the masks fold away
-            else:
-                kmask = (kpos >= kv_lo) & (kpos < kv_hi)
+            kmask = (kpos >= kv_lo) & (kpos < kv_hi)
             blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
             off = (kpos % BS).to(tl.int64)
             k_off = blk * stride_kb + off * stride_kt
@@ -295,15 +289,12 @@ if HAS_TRITON:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
             s = _scaled_scores(tl.dot(q, kt, input_precision=PREC), qk_scale, softcap, HAS_SOFTCAP)
-            if EVEN and not CAUSAL and not HAS_WINDOW:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, PREC)
-            else:
-                mask = row_valid[:, None] & kmask[None, :]
-                if CAUSAL:
-                    mask = mask & (kpos[None, :] <= qpos[:, None])
-                if HAS_WINDOW:
-                    mask = mask & (kpos[None, :] > qpos[:, None] - window)
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(mask, s, float("-inf")), v, PREC)
+            mask = row_valid[:, None] & kmask[None, :]
+            if CAUSAL:
+                mask = mask & (kpos[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                mask = mask & (kpos[None, :] > qpos[:, None] - window)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(mask, s, float("-inf")), v, PREC)
         return acc, m_i, l_i
 
     @triton.jit
@@ -385,7 +376,7 @@ if HAS_TRITON:
             acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, bt_row, tile_lo, tile_hi,
             kv_lo, kv_read_hi, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb,
             stride_vt, qk_scale, softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, True, PREC,
-            DOT_F32, K_ROWS, "", False)
+            DOT_F32, K_ROWS, "")
         if WRITE_KV:
             # The program whose tiles end at the new token attends to it from registers (as a tile
             # whose one key is the new one) and then stores it into its slot. Nothing in this launch

@@ -226,28 +226,19 @@ if HAS_TRITON:
                            PACC, PLSE, pbase, row_valid, BLOCK_M: tl.constexpr, D: tl.constexpr,
                            D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                           DOT_F32: tl.constexpr, EVICT: tl.constexpr, PEEL: tl.constexpr):
+                           DOT_F32: tl.constexpr, EVICT: tl.constexpr):
         """Attend q's rows to key tiles [tile_lo, tile_hi) (keys kv_lo <= pos < kv_hi, K loaded
-        as [N, D] rows) from a fresh softmax state and store the partial and its lse at pbase
-        (one split's slot). PEEL (kv_lo = 0, no window): the tiles wholly below kv_hi run without
-        masks, the one tile across it (if any) after them with."""
+        as [N, D] rows) from a fresh softmax state and store the fp32 partial and its lse at pbase
+        (one split's slot)."""
         offs_d = tl.arange(0, D_PAD)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         every_row = tl.full([BLOCK_M], 1, tl.int1)  # padding rows need no mask: they are never stored
-        masked_lo = tile_lo
-        if PEEL:
-            masked_lo = tl.maximum(tile_lo, tl.minimum(tile_hi, kv_hi // TILE_N))
-            acc, m_i, l_i = _attend_tiles(
-                acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, masked_lo, kv_lo, kv_hi, qpos,
-                every_row, offs_d, offs_d < D, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale,
-                softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True,
-                EVICT, True)
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, masked_lo, tile_hi, kv_lo, kv_hi, qpos, every_row,
+            acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos, every_row,
             offs_d, offs_d < D, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
-            BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True, EVICT, False)
+            BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True, EVICT)
         _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
 
     @triton.jit
@@ -258,7 +249,7 @@ if HAS_TRITON:
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, ROW_TILES: tl.constexpr, SPLITS: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, EVICT: tl.constexpr, PEEL: tl.constexpr):
+                     DOT_F32: tl.constexpr, EVICT: tl.constexpr):
         """Work item w = ((chunk * HKV + kv head) * SPLITS + split) * ROW_TILES + row tile: the
         rows (member x GQA head) of one row tile against one split of the chunk's shared prefix.
         Row tiles of one (chunk, head, split) are adjacent so they run together and share the
@@ -295,8 +286,7 @@ if HAS_TRITON:
                 q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt, tile_lo, tile_hi,
                 kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
                 PACC, PLSE, seq * stride_pt + head * stride_ph + split * D_PAD, row_valid,
-                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT,
-                PEEL and not HAS_WINDOW)
+                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT)
 
     @triton.jit
     def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
@@ -331,7 +321,7 @@ if HAS_TRITON:
             q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt, tile_lo, tile_hi,
             kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
             PACC, PLSE, seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD, row_valid,
-            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT, False)
+            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT)
 
     @triton.jit
     def _cascade_kernel(
@@ -346,7 +336,6 @@ if HAS_TRITON:
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
         PREFIX_EVICT: tl.constexpr, SUFFIX_EVICT: tl.constexpr, TRIGGER: tl.constexpr,
-        PEEL: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
@@ -364,8 +353,7 @@ if HAS_TRITON:
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
-                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, PREFIX_EVICT,
-                         PEEL)
+                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, PREFIX_EVICT)
         else:
             _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
@@ -437,7 +425,7 @@ MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
                 "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg", "evict",
-                "pdl_merge", "peel"}
+                "pdl_merge"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -471,7 +459,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
          "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32,
          "maxnreg": cfg.get("maxnreg"), "evict": bool(cfg.get("evict", False)),
-         "pdl_merge": bool(cfg.get("pdl_merge", False)), "peel": bool(cfg.get("peel", False))}
+         "pdl_merge": bool(cfg.get("pdl_merge", False))}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
@@ -530,7 +518,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
         PDL=pdl.applies(query.device),
         PREFIX_EVICT="evict_last" if c["evict"] else "", SUFFIX_EVICT="evict_first" if c["evict"] else "",
-        TRIGGER=c["pdl_merge"] and pdl.supported(query.device), PEEL=c["peel"])
+        TRIGGER=c["pdl_merge"] and pdl.supported(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["maxnreg"]:
         meta["maxnreg"] = c["maxnreg"]
