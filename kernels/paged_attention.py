@@ -262,7 +262,7 @@ if HAS_TRITON:
                       qk_scale, softcap, window,
                       BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr):
+                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr = ""):
         """Online softmax over key tiles [tile_lo, tile_hi) of one sequence (log2 domain).
         K_ROWS loads K as [N, D] rows (like V) and transposes it in the dot, else as [D, N].
         EVICT: the K/V loads' L2 eviction policy ("", "evict_first", "evict_last")."""
@@ -376,7 +376,7 @@ if HAS_TRITON:
             acc, m_i, l_i, q, K + kvh * stride_kh, V + kvh * stride_vh, bt_row, tile_lo, tile_hi,
             kv_lo, kv_read_hi, qpos, row_valid, offs_d, d_mask, stride_kb, stride_kt, stride_vb,
             stride_vt, qk_scale, softcap, window, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, True, PREC,
-            DOT_F32, K_ROWS, "")
+            DOT_F32, K_ROWS)
         if WRITE_KV:
             # The program whose tiles end at the new token attends to it from registers (as a tile
             # whose one key is the new one) and then stores it into its slot. Nothing in this launch

@@ -31,12 +31,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def applies(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: on switch, CUDA sm_90+, not the interpreter."""
-    return ENABLED and supported(device)
-
-
-def supported(device: torch.device) -> bool:
-    """Whether `device` can launch with PDL at all: CUDA sm_90+, not the interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
     return _capability(device) >= (9, 0)
 

@@ -335,7 +335,7 @@ if HAS_TRITON:
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        PREFIX_EVICT: tl.constexpr, SUFFIX_EVICT: tl.constexpr, TRIGGER: tl.constexpr,
+        PREFIX_EVICT: tl.constexpr, SUFFIX_EVICT: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
@@ -361,20 +361,16 @@ if HAS_TRITON:
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M, SUFFIX_TILE,
                          SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32,
                          SUFFIX_EVICT)
-        if TRIGGER:  # partials stored: the merge (launched with PDL) may be scheduled
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
                               stride_oh, HQ: tl.constexpr, NS: tl.constexpr,
                               PREFIX_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                              D_PAD: tl.constexpr, PDL: tl.constexpr):
+                              D_PAD: tl.constexpr):
         """out[seq, heads] = the log-sum-exp-weighted mean of their partials, for BLOCK_H heads of
         one sequence per program (a [BLOCK_H, D] tile per split: one program per (sequence, head)
         was 8,192 tiny programs at W-shared 256's shape). The prefix slots of a sequence in no
         group were never written (torch.empty): they are not read at all."""
-        if PDL:  # launched while the main kernel finishes: wait for its partials
-            tl.extra.cuda.gdc_wait()
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, D_PAD)
@@ -424,8 +420,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg", "evict",
-                "pdl_merge"}
+                "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg", "evict"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -458,8 +453,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
          "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
          "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32,
-         "maxnreg": cfg.get("maxnreg"), "evict": bool(cfg.get("evict", False)),
-         "pdl_merge": bool(cfg.get("pdl_merge", False))}
+         "maxnreg": cfg.get("maxnreg"), "evict": bool(cfg.get("evict", False))}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
@@ -517,8 +511,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
         PDL=pdl.applies(query.device),
-        PREFIX_EVICT="evict_last" if c["evict"] else "", SUFFIX_EVICT="evict_first" if c["evict"] else "",
-        TRIGGER=c["pdl_merge"] and pdl.supported(query.device))
+        PREFIX_EVICT="evict_last" if c["evict"] else "", SUFFIX_EVICT="evict_first" if c["evict"] else "")
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["maxnreg"]:
         meta["maxnreg"] = c["maxnreg"]
@@ -537,11 +530,10 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         _cascade_kernel[(n_prefix + n_suffix,)](*args, n_prefix, *scalars, ROLE=0,
                                                 num_warps=c["num_warps"], **meta)
     block_h = min(_next_pow2(hq), c["merge_heads"])
-    merge_pdl = meta["PDL"] or meta["TRIGGER"]
     _cascade_merge_kernel[(s, -(-hq // block_h))](
         pacc, plse, groups.seq_prefix_len, out, pacc.stride(0), pacc.stride(1), out.stride(0),
         out.stride(1), HQ=hq, NS=ns, PREFIX_SPLITS=c["prefix_splits"], BLOCK_H=block_h, D=d,
-        D_PAD=d_pad, PDL=merge_pdl, num_warps=2, **pdl.launch_options(merge_pdl))
+        D_PAD=d_pad, num_warps=2)
 
 
 def shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens, *, scale,
