@@ -100,13 +100,6 @@ VARIANTS = {
     "half_nr96_ps4": v(4, half_partials=True, maxnreg=96),
     "half_nr96_mh4": v(half_partials=True, maxnreg=96, merge_heads=4),
     "half_mh4": v(half_partials=True, merge_heads=4),
-    "half_nr128_ps11_ev": v(11, half_partials=True, maxnreg=128, evict=True),
-    "half_nr128_ps12_ev": v(12, half_partials=True, maxnreg=128, evict=True),
-    "half_nr128_ps11_mh2": v(11, half_partials=True, maxnreg=128, merge_heads=2),
-    "half_nr128_ps11_st32": v(11, half_partials=True, maxnreg=128, suffix_tile=32),
-    "half_nr96_mh4_ev": v(half_partials=True, maxnreg=96, merge_heads=4, evict=True),
-    "half_nr88_mh4": v(half_partials=True, maxnreg=88, merge_heads=4),
-    "half_nr96_mh2": v(half_partials=True, maxnreg=96, merge_heads=2),
     "prefix_part_nr128": v(part="prefix", maxnreg=128),
     "own_part_nr128": v(part="own", maxnreg=128),
     # timing only (an incomplete result, not checked): each part of the default launch alone

@@ -262,10 +262,9 @@ if HAS_TRITON:
                       qk_scale, softcap, window,
                       BS: tl.constexpr, TILE_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr = ""):
+                      DOT_F32: tl.constexpr, K_ROWS: tl.constexpr):
         """Online softmax over key tiles [tile_lo, tile_hi) of one sequence (log2 domain).
-        K_ROWS loads K as [N, D] rows (like V) and transposes it in the dot, else as [D, N].
-        EVICT: the K/V loads' L2 eviction policy ("", "evict_first", "evict_last")."""
+        K_ROWS loads K as [N, D] rows (like V) and transposes it in the dot, else as [D, N]."""
         offs_n = tl.arange(0, TILE_N)
         for t in range(tile_lo, tile_hi):
             kpos = t * TILE_N + offs_n
@@ -276,15 +275,12 @@ if HAS_TRITON:
             v_off = blk * stride_vb + off * stride_vt
             if K_ROWS:
                 kt = tl.trans(tl.load(k_base + k_off[:, None] + offs_d[None, :],
-                                      mask=kmask[:, None] & d_mask[None, :], other=0.0,
-                                      eviction_policy=EVICT))  # [N, D]^T
+                                      mask=kmask[:, None] & d_mask[None, :], other=0.0))  # [N, D]^T
             else:
                 kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
-                             mask=kmask[None, :] & d_mask[:, None], other=0.0,
-                             eviction_policy=EVICT)      # [D, N]
+                             mask=kmask[None, :] & d_mask[:, None], other=0.0)      # [D, N]
             v = tl.load(v_base + v_off[:, None] + offs_d[None, :],
-                        mask=kmask[:, None] & d_mask[None, :], other=0.0,
-                        eviction_policy=EVICT)      # [N, D]
+                        mask=kmask[:, None] & d_mask[None, :], other=0.0)      # [N, D]
             if DOT_F32:  # the Triton interpreter's bf16 dot is broken: upcast there only
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)

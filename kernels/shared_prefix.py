@@ -226,7 +226,7 @@ if HAS_TRITON:
                            PACC, PLSE, pbase, row_valid, BLOCK_M: tl.constexpr, D: tl.constexpr,
                            D_PAD: tl.constexpr, BS: tl.constexpr, TILE_N: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                           DOT_F32: tl.constexpr, EVICT: tl.constexpr):
+                           DOT_F32: tl.constexpr):
         """Attend q's rows to key tiles [tile_lo, tile_hi) (keys kv_lo <= pos < kv_hi, K loaded
         as [N, D] rows) from a fresh softmax state and store the fp32 partial and its lse at pbase
         (one split's slot)."""
@@ -238,7 +238,7 @@ if HAS_TRITON:
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, k_base, v_base, bt_row, tile_lo, tile_hi, kv_lo, kv_hi, qpos, every_row,
             offs_d, offs_d < D, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
-            BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True, EVICT)
+            BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, False, PREC, DOT_F32, True)
         _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid, D, D_PAD)
 
     @triton.jit
@@ -249,7 +249,7 @@ if HAS_TRITON:
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, ROW_TILES: tl.constexpr, SPLITS: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, EVICT: tl.constexpr):
+                     DOT_F32: tl.constexpr):
         """Work item w = ((chunk * HKV + kv head) * SPLITS + split) * ROW_TILES + row tile: the
         rows (member x GQA head) of one row tile against one split of the chunk's shared prefix.
         Row tiles of one (chunk, head, split) are adjacent so they run together and share the
@@ -286,7 +286,7 @@ if HAS_TRITON:
                 q, K + kvh * stride_kh, V + kvh * stride_vh, BT + leader * stride_bt, tile_lo, tile_hi,
                 kv_lo, plen, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
                 PACC, PLSE, seq * stride_pt + head * stride_ph + split * D_PAD, row_valid,
-                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT)
+                BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _suffix_part(w, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
@@ -296,7 +296,7 @@ if HAS_TRITON:
                      D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
                      TILE_N: tl.constexpr, SPLITS: tl.constexpr, SPLIT_OFFSET: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                     DOT_F32: tl.constexpr, EVICT: tl.constexpr):
+                     DOT_F32: tl.constexpr):
         """Work item w = (seq * HKV + kv head) * SPLITS + split: the GQA heads of one sequence
         against one split of its own keys (from its shared-prefix length to its end)."""
         split = w % SPLITS
@@ -321,7 +321,7 @@ if HAS_TRITON:
             q, K + kvh * stride_kh, V + kvh * stride_vh, BT + seq * stride_bt, tile_lo, tile_hi,
             kv_lo, ctx, qpos, stride_kb, stride_kt, stride_vb, stride_vt, qk_scale, softcap, window,
             PACC, PLSE, seq * stride_pt + head * stride_ph + (SPLIT_OFFSET + split) * D_PAD, row_valid,
-            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, EVICT)
+            BLOCK_M, D, D_PAD, BS, TILE_N, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_kernel(
@@ -335,7 +335,6 @@ if HAS_TRITON:
         PREFIX_SPLITS: tl.constexpr, SUFFIX_M: tl.constexpr, SUFFIX_TILE: tl.constexpr,
         SUFFIX_SPLITS: tl.constexpr, ROLE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
-        PREFIX_EVICT: tl.constexpr, SUFFIX_EVICT: tl.constexpr,
     ):
         """Both passes, writing split-KV partials that _cascade_merge_kernel combines.
         ROLE 0: one launch, the first num_prefix_programs programs attend to shared prefixes
@@ -353,14 +352,13 @@ if HAS_TRITON:
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, PREFIX_M, PREFIX_TILE, ROW_TILES,
-                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32, PREFIX_EVICT)
+                         PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
         else:
             _suffix_part(pid - num_prefix_programs, Q, K, V, BT, CTX, SEQ_PLEN, PACC, PLSE,
                          qk_scale, softcap, window, stride_qt, stride_qh, stride_kb, stride_kt,
                          stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, stride_pt,
                          stride_ph, HKV, G, G_PAD, D, D_PAD, BS, SUFFIX_M, SUFFIX_TILE,
-                         SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32,
-                         SUFFIX_EVICT)
+                         SUFFIX_SPLITS, PREFIX_SPLITS, HAS_SOFTCAP, HAS_WINDOW, PREC, DOT_F32)
 
     @triton.jit
     def _cascade_merge_kernel(PACC, PLSE, SEQ_PLEN, OUT, stride_pt, stride_ph, stride_ot,
@@ -420,7 +418,7 @@ def _check_decode(query, block_tables):
 MERGE_HEADS = 8  # heads of one sequence per program of the merge
 
 _CONFIG_KEYS = {"prefix_m", "prefix_tile", "suffix_tile", "num_warps", "num_stages", "separate",
-                "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg", "evict"}
+                "suffix_warps", "part", "merge_heads", "half_partials", "maxnreg"}
 
 
 def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: int,
@@ -453,7 +451,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
          "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
          "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32,
-         "maxnreg": cfg.get("maxnreg"), "evict": bool(cfg.get("evict", False))}
+         "maxnreg": cfg.get("maxnreg")}
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
@@ -510,8 +508,7 @@ def _launch_cascade(query, k_cache, v_cache, block_tables, context_lens, groups,
         SUFFIX_SPLITS=c["suffix_splits"], HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None,
         PREC="ieee" if query.dtype == torch.float32 else None, DOT_F32=_dot_f32(query.dtype),
-        PDL=pdl.applies(query.device),
-        PREFIX_EVICT="evict_last" if c["evict"] else "", SUFFIX_EVICT="evict_first" if c["evict"] else "")
+        PDL=pdl.applies(query.device))
     meta.update(pdl.launch_options(meta["PDL"]), num_stages=c["num_stages"])
     if c["maxnreg"]:
         meta["maxnreg"] = c["maxnreg"]

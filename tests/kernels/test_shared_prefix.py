@@ -104,7 +104,7 @@ CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_spli
     (torch.float32, 8, 12, 4, 64, (3, 3), 16, 2, 1, None),  # GQA 3: merge head blocks of 8, 4
     (torch.float16, 8, 8, 2, 64, (4, 2), 16, 3, 2, {"merge_heads": 1}),  # one head a program
     (torch.bfloat16, 16, 8, 2, 64, (4, 3), 16, 3, 2, {"half_partials": True}),  # 16-bit partials
-    (torch.float16, 8, 4, 1, 128, (5, 2), 4, 2, 3, {"half_partials": True, "evict": True}),
+    (torch.float16, 8, 4, 1, 128, (5, 2), 4, 2, 3, {"half_partials": True}),
 ]
 
 
