@@ -56,8 +56,8 @@ SHAPES = [
 ]
 
 
-def v(ps=None, **cfg):
-    return {"prefix_splits": ps, "_config": cfg or None}
+def v(ps=None, suffix_splits=None, **cfg):
+    return {"prefix_splits": ps, "_config": cfg or None} | ({"suffix_splits": suffix_splits} if suffix_splits else {})
 
 
 VARIANTS = {
@@ -82,31 +82,19 @@ VARIANTS = {
     "mh1": v(merge_heads=1),  # the merge with 1 / 4 / 32 heads of a sequence per program
     "mh4": v(merge_heads=4),
     "mh32": v(merge_heads=32),
-    "half": v(half_partials=True),  # partials in bf16, not fp32: half the bytes written and merged
-    # a register cap (152 -> 128 a thread: 4 programs an SM, not 3; ncu of 752422f: the prefix
-    # programs are latency-bound at 8 active warps an SM)
-    "nr128": v(maxnreg=128),
-    "half_nr128": v(half_partials=True, maxnreg=128),
-    "half_nr128_ps12": v(12, half_partials=True, maxnreg=128),
-    "half_nr128_ps16": v(16, half_partials=True, maxnreg=128),
-    "half_nr96": v(half_partials=True, maxnreg=96),
-    "half_w8": v(half_partials=True, num_warps=8),
-    "half_w8_nr128": v(half_partials=True, num_warps=8, maxnreg=128),
-    "half_ns3_nr128": v(half_partials=True, num_stages=3, maxnreg=128),
-    **{f"half_nr128_ps{ps}": v(ps, half_partials=True, maxnreg=128) for ps in (10, 11, 13, 14)},
-    "half_nr128_ps12_mh4": v(12, half_partials=True, maxnreg=128, merge_heads=4),
-    "half_nr128_ps12_mh2": v(12, half_partials=True, maxnreg=128, merge_heads=2),
-    **{f"half_nr{n}": v(half_partials=True, maxnreg=n) for n in (80, 104, 112)},
-    "half_nr96_ps4": v(4, half_partials=True, maxnreg=96),
-    "half_nr96_mh4": v(half_partials=True, maxnreg=96, merge_heads=4),
-    "half_mh4": v(half_partials=True, merge_heads=4),
-    "prefix_part_nr128": v(part="prefix", maxnreg=128),
-    "own_part_nr128": v(part="own", maxnreg=128),
+    # the eleventh session's defaults (16-bit partials, register caps, merge width, 8/3 waves of
+    # prefix programs at head_dim 128) taken apart
+    "old_default": v(half_partials=False, maxnreg=None, merge_heads=8),  # the tenth session's
+    "fp32_partials": v(half_partials=False),
+    "no_cap": v(maxnreg=None),
+    "mh8": v(merge_heads=8),
+    "ps12": v(12),
+    "ss2": v(suffix_splits=2),
     # timing only (an incomplete result, not checked): each part of the default launch alone
     "prefix_part": v(part="prefix"),
     "own_part": v(part="own"),
 }
-TIMING_ONLY = {"prefix_part", "own_part", "prefix_part_nr128", "own_part_nr128"}
+TIMING_ONLY = {"prefix_part", "own_part"}
 
 
 def build(shape: Shape, gen: torch.Generator):
@@ -165,8 +153,9 @@ def run_shape(shape: Shape, names: list[str] | None = None) -> dict:
                                        out=outs[i], num_splits=splits)
 
     def cascade(i, kw):
+        kw = {"suffix_splits": splits} | kw
         return lambda: shared_prefix_decode(q, k[i], vv[i], block_tables, context_lens, scale=scale,
-                                            groups=groups, out=outs[i], suffix_splits=splits, **kw)
+                                            groups=groups, out=outs[i], **kw)
 
     candidates = {"plain": plain} | {name: (lambda i, kw=kw: cascade(i, kw)) for name, kw in VARIANTS.items()
                                      if names is None or name in names}

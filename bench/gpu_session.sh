@@ -42,6 +42,9 @@
 #                                               #   W-beam 8 and W-sample 64 (prefill replays counted)
 #   COMMIT=<sha> bash bench/gpu_session.sh 21   # ~6 min: the prefill graphs' GPU check, #7's
 #                                               #   workloads end to end
+#   COMMIT=<sha> bash bench/gpu_session.sh 22   # ~8 min: the cascade's defaults taken apart (16-bit
+#                                               #   partials, register caps), its GPU kernel tests,
+#                                               #   #7's workloads end to end
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -172,8 +175,19 @@ case "${1:-1}" in
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 200 \
         --out "$OUT/e2e-M1-subset-$COMMIT.json"
     ;;
+22)
+    run 150 cascade-shapes python bench/bench_cascade_shapes.py --out "$OUT/cascade-shapes-$COMMIT.json" \
+        --only WKernel,WS256,WS32,WSample64,WBeamBatch \
+        --variants default,old_default,fp32_partials,no_cap,ss2,prefix_part,own_part
+    run 150 kernel-tests-shared-prefix env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf \
+        tests/kernels/test_shared_prefix.py
+    run 150 check-shared python bench/check_decode_gpu.py --only shared
+    run 230 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 200 \
+        --out "$OUT/e2e-M1-subset-$COMMIT.json"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|21" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|21|22" >&2
     exit 2
     ;;
 esac

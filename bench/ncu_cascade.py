@@ -44,9 +44,8 @@ def main() -> None:
     calls = {"plain": lambda i: paged_attention(q, k[i], v[i], block_tables, context_lens, qsl,
                                                 scale=scale, out=out, num_splits=splits)}
     for name in args.variants.split(","):
-        calls[name] = lambda i, kw=VARIANTS[name]: shared_prefix_decode(
-            q, k[i], v[i], block_tables, context_lens, scale=scale, groups=groups, out=out,
-            suffix_splits=splits, **kw)
+        calls[name] = lambda i, kw={"suffix_splits": splits} | VARIANTS[name]: shared_prefix_decode(
+            q, k[i], v[i], block_tables, context_lens, scale=scale, groups=groups, out=out, **kw)
     for call in calls.values():  # compile everything outside the profiled range
         call(0)
     torch.cuda.synchronize()

@@ -429,8 +429,8 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
     num_warps, num_stages, separate (prefix and own keys in two launches, the latter with
     suffix_warps warps), part ("prefix" or "own": launch that part alone and no merge, an
     incomplete result that only times the part), merge_heads (heads of a sequence per program
-    of the merge, a power of two), half_partials (the split partials stored in the query's
-    16-bit dtype, not fp32)."""
+    of the merge, a power of two), half_partials (False: fp32 split partials for 16-bit
+    queries), maxnreg (registers per thread of the main kernel; None: no cap)."""
     cfg = dict(cfg or {})
     if set(cfg) - _CONFIG_KEYS:
         raise ValueError(f"_config has unknown keys {sorted(set(cfg) - _CONFIG_KEYS)}")
@@ -449,16 +449,28 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
          # in two runs (921c890, cb8f2f0): 13.1-13.5 against 14.2-14.3 us at W-sample 64's shape
          "num_stages": cfg.get("num_stages") or 2, "separate": bool(cfg.get("separate", False)),
          "suffix_warps": cfg.get("suffix_warps") or 4, "part": cfg.get("part"),
-         "merge_heads": cfg.get("merge_heads") or MERGE_HEADS,
-         "half_partials": bool(cfg.get("half_partials", False)) and dtype != torch.float32,
-         "maxnreg": cfg.get("maxnreg")}
+         "merge_heads": cfg.get("merge_heads") or (4 if d_pad <= 64 else MERGE_HEADS),
+         # partials in the query's 16-bit dtype: half the bytes written and merged, and each is a
+         # weighted mean of values, so it cannot overflow. 2-7% faster at the engine's shapes
+         # (bench_cascade_shapes, 752422f); error 3.0e-3 against 2.3e-3 with fp32 partials
+         "half_partials": bool(cfg.get("half_partials", True)) and dtype != torch.float32}
+    # A register cap lets more programs share an SM: the prefix and own-key programs are
+    # latency-bound (Nsight Compute, 752422f: 8 warps active an SM, 3 programs of 152 registers).
+    # 96 registers at head_dim <= 64 fit 5 programs of 4 warps, 128 at 128 fit 4; measured
+    # -8 to -13% at M1's shapes and, with more prefix splits, -9% at W-kernel's (NOTES-kernels)
+    capped = not wide and c["num_warps"] == 4
+    c["maxnreg"] = cfg.get("maxnreg", (96 if d_pad <= 64 else 128) if capped else None)
     if c["merge_heads"] & (c["merge_heads"] - 1):
         raise ValueError(f"_config merge_heads must be a power of two, got {c['merge_heads']}")
     if c["part"] not in (None, "prefix", "own"):
         raise ValueError(f"_config part must be 'prefix' or 'own', got {c['part']!r}")
     if prefix_splits is None:  # about two waves of prefix programs, >= 256 prefix keys each
         base = groups.num_chunks * c["row_tiles"] * hkv
-        prefix_splits = max(1, min(-(-2 * _num_sms(device) // base), 64))
+        # with 4 programs an SM (the 128-register cap), prefix programs for two thirds of the
+        # slots: 11 splits at W-kernel's shape (37.7-38.2 us against 40.5 with 9 and 38.5-38.8
+        # with 12); at head_dim 64 two waves stayed best (W-shared 256: 3 splits, 43 us; 4: 46)
+        waves = 8 / 3 if c["maxnreg"] == 128 else 2
+        prefix_splits = max(1, min(-(-int(waves * _num_sms(device)) // base), 64))
         if groups.max_prefix_len is not None:  # else: fixed by the shapes (CUDA graphs)
             prefix_splits = max(1, min(prefix_splits, -(-groups.max_prefix_len // 256)))
             tiles = -(-groups.max_prefix_len // c["prefix_tile"])

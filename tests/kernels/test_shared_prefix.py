@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -103,8 +105,9 @@ CASES = [  # (dtype, bs, Hq, Hkv, D, group sizes, members_per_chunk, prefix_spli
     (torch.bfloat16, 8, 8, 1, 64, (5, 3, 2), 64, 2, 2, {"prefix_m": 16, "suffix_tile": 16}),
     (torch.float32, 8, 12, 4, 64, (3, 3), 16, 2, 1, None),  # GQA 3: merge head blocks of 8, 4
     (torch.float16, 8, 8, 2, 64, (4, 2), 16, 3, 2, {"merge_heads": 1}),  # one head a program
-    (torch.bfloat16, 16, 8, 2, 64, (4, 3), 16, 3, 2, {"half_partials": True}),  # 16-bit partials
-    (torch.float16, 8, 4, 1, 128, (5, 2), 4, 2, 3, {"half_partials": True}),
+    # fp32 partials for 16-bit queries (the default keeps them in the query's dtype), no cap
+    (torch.bfloat16, 16, 8, 2, 64, (4, 3), 16, 3, 2, {"half_partials": False, "maxnreg": None}),
+    (torch.float16, 8, 4, 1, 128, (5, 2), 4, 2, 3, {"maxnreg": None, "merge_heads": 8}),
 ]
 
 
@@ -199,6 +202,31 @@ def test_shared_prefix_validation(device):
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"block_q": 2})
     with pytest.raises(ValueError, match="merge_heads"):
         shared_prefix_decode(q, k, v, bt, ctx, scale=0.1, _config={"merge_heads": 3})
+
+
+@pytest.mark.parametrize("dtype,d,partials,maxnreg,merge_heads", [
+    (torch.bfloat16, 64, torch.bfloat16, 96, 4), (torch.float16, 128, torch.float16, 128, 8),
+    (torch.float32, 64, torch.float32, None, 4), (torch.bfloat16, 256, torch.bfloat16, None, 8)])
+def test_launch_defaults(dtype, d, partials, maxnreg, merge_heads, monkeypatch):
+    # 16-bit partials for 16-bit queries; a register cap for the 4-warp programs (5 or 4 an SM)
+    # and, with 4 an SM, prefix programs for two thirds of the slots (NOTES-kernels)
+    import sharedecode.kernels.shared_prefix as sp
+    (q, k, v, bt, ctx), _ = make_tree(torch.device("cpu"), dtype, bs=16, hq=8, hkv=2, d=d,
+                                      group_sizes=(64, 64))
+    groups = find_prefix_groups(bt, ctx, 16)
+    graphed = dataclasses.replace(groups, max_prefix_len=None, max_suffix_len=None)  # as graphs launch
+    c = sp._launch_config(graphed, q.shape[0], 2, 4, max(16, d), dtype, torch.device("cpu"),
+                          None, None, None)
+    assert (c["half_partials"], c["maxnreg"], c["merge_heads"]) == \
+        (partials != torch.float32, maxnreg, merge_heads)
+    base = groups.num_chunks * c["row_tiles"] * 2  # prefix programs per split
+    waves = 8 / 3 if maxnreg == 128 else 2         # (8 SMs off the GPU)
+    assert c["prefix_splits"] == -(-int(waves * 8) // base)
+    seen = []
+    real = sp._alloc_scratch
+    monkeypatch.setattr(sp, "_alloc_scratch", lambda *a: seen.append(a[-1]) or real(*a))
+    shared_prefix_decode(q, k, v, bt, ctx, scale=d ** -0.5, groups=groups)
+    assert seen == [partials]
 
 
 def test_scratch_garbage_is_never_read(device, monkeypatch):
