@@ -207,21 +207,19 @@ def test_shared_prefix_validation(device):
 @pytest.mark.parametrize("dtype,d,partials,maxnreg,merge_heads", [
     (torch.bfloat16, 64, torch.bfloat16, 96, 4), (torch.float16, 128, torch.float16, 128, 8),
     (torch.float32, 64, torch.float32, None, 4), (torch.bfloat16, 256, torch.bfloat16, None, 8)])
-def test_launch_defaults(dtype, d, partials, maxnreg, merge_heads, monkeypatch):
+def test_launch_defaults(dtype, d, partials, maxnreg, merge_heads, device, monkeypatch):
     # 16-bit partials for 16-bit queries; a register cap for the 4-warp programs (5 or 4 an SM)
     # and, with 4 an SM, prefix programs for two thirds of the slots (NOTES-kernels)
     import sharedecode.kernels.shared_prefix as sp
-    (q, k, v, bt, ctx), _ = make_tree(torch.device("cpu"), dtype, bs=16, hq=8, hkv=2, d=d,
-                                      group_sizes=(64, 64))
+    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=16, hq=8, hkv=2, d=d, group_sizes=(64, 64))
     groups = find_prefix_groups(bt, ctx, 16)
     graphed = dataclasses.replace(groups, max_prefix_len=None, max_suffix_len=None)  # as graphs launch
-    c = sp._launch_config(graphed, q.shape[0], 2, 4, max(16, d), dtype, torch.device("cpu"),
-                          None, None, None)
+    c = sp._launch_config(graphed, q.shape[0], 2, 4, max(16, d), dtype, device, None, None, None)
     assert (c["half_partials"], c["maxnreg"], c["merge_heads"]) == \
         (partials != torch.float32, maxnreg, merge_heads)
     base = groups.num_chunks * c["row_tiles"] * 2  # prefix programs per split
-    waves = 8 / 3 if maxnreg == 128 else 2         # (8 SMs off the GPU)
-    assert c["prefix_splits"] == -(-int(waves * 8) // base)
+    waves = 8 / 3 if maxnreg == 128 else 2
+    assert c["prefix_splits"] == -(-int(waves * sp._num_sms(device)) // base)
     seen = []
     real = sp._alloc_scratch
     monkeypatch.setattr(sp, "_alloc_scratch", lambda *a: seen.append(a[-1]) or real(*a))
