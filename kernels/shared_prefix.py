@@ -14,8 +14,8 @@ row tile (default 64 rows = group members x the GQA heads of one KV head; chunks
 members) against one split of the group's shared prefix, so the prefix is read from memory once
 per KV head, not once per sequence, and the splits fill the GPU; its other programs attend each
 sequence to its own keys (from its prefix length on; sequences in no group: all keys). A second
-small kernel merges the fp32 partials. No host sync and no fill: CUDA-graph safe. The prefix
-splits are cut in-kernel from each chunk's runtime prefix length and padding chunks (count 0) exit
+small kernel merges the partials (kept in the query's dtype, their log-sum-exps in fp32). No host
+sync and no fill: CUDA-graph safe. The prefix splits are cut in-kernel from each chunk's runtime prefix length and padding chunks (count 0) exit
 at once, so a launch whose config comes from the shapes alone (a PrefixGroups with
 ``max_prefix_len=None``, its tensors refilled in place every step) can be captured once and replayed
 for any groups within its capacity. Computes the same function as ``paged_attention`` on decode
@@ -210,7 +210,8 @@ if HAS_TRITON:
     @triton.jit
     def _store_partial(acc, m_i, l_i, PACC, PLSE, pbase, row_valid,
                        D: tl.constexpr, D_PAD: tl.constexpr):
-        """Normalised partial output (fp32) and its base-2 log-sum-exp (-inf when empty)."""
+        """Normalised partial output (in PACC's dtype) and its fp32 base-2 log-sum-exp (-inf when
+        empty)."""
         offs_d = tl.arange(0, D_PAD)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -228,7 +229,7 @@ if HAS_TRITON:
                            HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
                            DOT_F32: tl.constexpr):
         """Attend q's rows to key tiles [tile_lo, tile_hi) (keys kv_lo <= pos < kv_hi, K loaded
-        as [N, D] rows) from a fresh softmax state and store the fp32 partial and its lse at pbase
+        as [N, D] rows) from a fresh softmax state and store the partial and its lse at pbase
         (one split's slot)."""
         offs_d = tl.arange(0, D_PAD)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
