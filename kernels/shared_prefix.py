@@ -9,17 +9,18 @@ log-sum-exp, like FlashInfer's cascade / Hydragen:
     out = shared_prefix_decode(query, k_cache, v_cache, block_tables, context_lens,
                                scale=scale, groups=groups)                 # every layer
 
-One launch does both parts (a cascade, with split-KV on both): its first programs each take a
-row tile (default 64 rows = group members x the GQA heads of one KV head; chunks of up to 64
-members) against one split of the group's shared prefix, so the prefix is read from memory once
-per KV head, not once per sequence, and the splits fill the GPU; its other programs attend each
-sequence to its own keys (from its prefix length on; sequences in no group: all keys). A second
-small kernel merges the partials (kept in the query's dtype, their log-sum-exps in fp32). No host
-sync and no fill: CUDA-graph safe. The prefix splits are cut in-kernel from each chunk's runtime
-prefix length and padding chunks (count 0) exit at once, so a launch whose config comes from the shapes alone (a PrefixGroups with
-``max_prefix_len=None``, its tensors refilled in place every step) can be captured once and replayed
-for any groups within its capacity. Computes the same function as ``paged_attention`` on decode
-batches. Host-side grouping of Python block-id lists (the engine's): ``group_shared_prefixes``.
+One launch does both parts (a cascade, with split-KV on both): its first programs each take a row
+tile (default 64 rows = group members x the GQA heads of one KV head; chunks of up to 64 members)
+against one split of the group's shared prefix, so the prefix is read from memory once per KV head,
+not once per sequence, and the splits fill the GPU; its other programs attend each sequence to its
+own keys (from its prefix length on; sequences in no group: all keys). A second small kernel merges
+the partials (kept in the query's dtype, their log-sum-exps in fp32). No host sync and no fill:
+CUDA-graph safe. The prefix splits are cut in-kernel from each chunk's runtime prefix length and
+padding chunks (count 0) exit at once, so a launch whose config comes from the shapes alone (a
+PrefixGroups with ``max_prefix_len=None``, its tensors refilled in place every step) can be
+captured once and replayed for any groups within its capacity. Computes the same function as
+``paged_attention`` on decode batches. Host-side grouping of Python block-id lists (the engine's):
+``group_shared_prefixes``.
 """
 from __future__ import annotations
 
