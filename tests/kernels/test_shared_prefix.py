@@ -211,7 +211,7 @@ def test_launch_defaults(dtype, d, partials, maxnreg, merge_heads, device, monke
     # 16-bit partials for 16-bit queries; a register cap for the 4-warp programs (5 or 4 an SM)
     # and, with 4 an SM, prefix programs for two thirds of the slots (NOTES-kernels)
     import sharedecode.kernels.shared_prefix as sp
-    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=16, hq=8, hkv=2, d=d, group_sizes=(64, 64))
+    (q, k, v, bt, ctx), _ = make_tree(device, dtype, bs=16, hq=8, hkv=2, d=d, group_sizes=(20, 3))
     groups = find_prefix_groups(bt, ctx, 16)
     graphed = dataclasses.replace(groups, max_prefix_len=None, max_suffix_len=None)  # as graphs launch
     c = sp._launch_config(graphed, q.shape[0], 2, 4, max(16, d), dtype, device, None, None, None)
