@@ -109,6 +109,40 @@ def test_group_detection_cases():
     assert sp.group_shared_prefixes(rows, [24, 16, 24, 16, 16, 8], 8) == [((0, 2), 2), ((3, 4), 1)]
 
 
+def test_decode_groups_memo_matches_a_fresh_grouping(model):
+    # the engine reuses the last step's groups while the tables' block-id lists are the same
+    # objects: through appends, copy on write of shared partial blocks, forks, fork_into and
+    # frees, what it returns must equal grouping from scratch
+    engine = Engine(model, backend="torch", block_size=BLOCK, kv_cache_bytes=2**20)
+    engine.shared_prefix, engine.shared_prefix_min_saved_tokens = True, 0  # (groups only)
+    rng, g = random.Random(0), torch.Generator().manual_seed(3)
+    system = torch.randint(3, VOCAB, (16,), generator=g).tolist()
+    roots = [engine.add(system + torch.randint(3, VOCAB, (n,), generator=g).tolist()) for n in (3, 9)]
+    roots.append(engine.add(torch.randint(3, VOCAB, (21,), generator=g).tolist()))  # its own group
+    engine.prefill(roots)
+    tables = roots + [engine.fork(root) for root in roots for _ in range(2)]  # shared partial blocks
+    reused, seen = 0, set()
+    for _ in range(60):
+        action = rng.random()
+        if action < 0.15:  # a pruned beam becomes another's sibling (maybe in another group): a new list
+            engine.allocator.fork_into(rng.choice(tables[3:]), rng.choice(tables))
+        elif action < 0.25:  # a sequence finishes, a fork of another starts
+            engine.free(tables.pop(rng.randrange(3, len(tables))))
+            tables.append(engine.fork(rng.choice(tables)))
+        engine.allocator.append_tokens(tables, [rng.randrange(3, VOCAB) for _ in tables])
+        block_ids, ctx = [t.block_ids for t in tables], [t.num_tokens for t in tables]
+        memo = engine._groups_memo
+        got = engine._shared_prefix_groups(block_ids, ctx)
+        reused += engine._groups_memo is memo
+        assert sorted(got) == sorted(sp.group_shared_prefixes(block_ids, ctx, BLOCK))
+        seen.add(tuple(sorted(got)))
+    assert len(seen) > 3, seen  # the groups did change along the way
+    assert 20 < reused < 60, reused  # ...and were reused between changes
+    assert 30 < reused < 60
+    engine.free_all()
+    assert engine.kv_stats().blocks_in_use == 0
+
+
 def test_group_layout_and_graph_packing():
     groups = [((0, 2, 5), 2), ((1, 3), 4)]
     lay = sp.layout_groups(groups, 7, 8, members_per_chunk=2)
