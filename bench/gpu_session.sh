@@ -45,6 +45,9 @@
 #   COMMIT=<sha> bash bench/gpu_session.sh 22   # ~8 min: the cascade's defaults taken apart (16-bit
 #                                               #   partials, register caps), its GPU kernel tests,
 #                                               #   #7's workloads end to end
+#   COMMIT=<sha> bash bench/gpu_session.sh 23   # ~9 min: the cascade in the engine against HF
+#                                               #   (fp32 and bf16; eager, graphs, compiled graphs),
+#                                               #   #7's workloads end to end (item 55's groups)
 #
 # Phase 1 is what every session should run first. The kernel tests need SHAREDECODE_TEST_CUDA=1:
 # without it the tests' conftest picks the Triton interpreter, which in triton 3.6 fails on them.
@@ -181,13 +184,18 @@ case "${1:-1}" in
         --variants default,old_default,fp32_partials,no_cap,ss2,prefix_part,own_part
     run 150 kernel-tests-shared-prefix env SHAREDECODE_TEST_CUDA=1 python -m pytest -q -x -rf \
         tests/kernels/test_shared_prefix.py
-    run 150 check-shared python bench/check_decode_gpu.py --only shared
+    run 230 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
+        --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 200 \
+        --out "$OUT/e2e-M1-subset-$COMMIT.json"
+    ;;
+23)
+    run 300 check-shared python bench/check_decode_gpu.py --only shared
     run 230 e2e-M1 python bench/bench_e2e.py --models M1 --repeats 3 --skip-hf-batch --skip-decode \
         --only "W-beam k=8,W-sample n=64,W-shared 256,W-beam-batch" --time-budget 200 \
         --out "$OUT/e2e-M1-subset-$COMMIT.json"
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|21|22" >&2
+    echo "usage: bash bench/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17|18|19|21|22|23" >&2
     exit 2
     ;;
 esac
