@@ -52,7 +52,7 @@ def main() -> None:
     torch.cuda.cudart().cudaProfilerStart()
     for name, call in calls.items():
         torch.cuda.nvtx.range_push(name)
-        for i in range(1, 3):  # two layers' pools: the second call's KV is not in L2
+        for i in range(1, 3):  # two layers' pools, neither the warm-up's (pool 0)
             call(i)
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
