@@ -57,7 +57,9 @@ SHAPES = [
 
 
 def v(ps=None, suffix_splits=None, **cfg):
-    return {"prefix_splits": ps, "_config": cfg or None} | ({"suffix_splits": suffix_splits} if suffix_splits else {})
+    """A variant's keywords: prefix / suffix split counts (None: the launch's own), `_config`."""
+    kw = {"prefix_splits": ps, "_config": cfg or None}
+    return kw | {"suffix_splits": suffix_splits} if suffix_splits else kw
 
 
 VARIANTS = {

@@ -138,7 +138,6 @@ def test_decode_groups_memo_matches_a_fresh_grouping(model):
         seen.add(tuple(sorted(got)))
     assert len(seen) > 3, seen  # the groups did change along the way
     assert 20 < reused < 60, reused  # ...and were reused between changes
-    assert 30 < reused < 60
     engine.free_all()
     assert engine.kv_stats().blocks_in_use == 0
 
