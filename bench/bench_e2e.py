@@ -218,9 +218,12 @@ def run_workload(name, model, engine, prompts, ours, hf_kwargs, repeats, device,
     def time_ours():  # every run on a fresh prefix cache (see `timed`)
         return timed(run_ours, device, repeats, engine.reset_prefix_cache)
 
-    replays_before = engine.prefill_graphs.replays if engine.prefill_graphs is not None else 0
+    def replays():
+        return engine.prefill_graphs.replays if engine.prefill_graphs is not None else 0
+
+    replays_before = replays()
     t_ours, all_ours, result = time_ours()
-    prefill_graph_replays = (engine.prefill_graphs.replays if engine.prefill_graphs is not None else 0) - replays_before
+    prefill_graph_replays = replays() - replays_before
     plain = None
     if ablate_shared_prefix and engine.shared_prefix:  # the same run with plain paged attention
         engine.shared_prefix = False

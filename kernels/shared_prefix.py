@@ -487,7 +487,7 @@ def _launch_config(groups: PrefixGroups, s: int, hkv: int, g_pad: int, d_pad: in
 
 
 def _alloc_scratch(s: int, hq: int, ns: int, d_pad: int, device: torch.device,
-                   acc_dtype: torch.dtype = torch.float32):
+                   acc_dtype: torch.dtype):
     """Partials acc [S, Hq, NS, D_PAD] (normalised: each is a weighted mean of values, so a 16-bit
     dtype holds it without overflow) and fp32 base-2 lse [S, Hq, NS]. No fill: every slot the
     merge reads is written (the prefix slots of sequences in no group are never read)."""
